@@ -1,0 +1,31 @@
+"""Started by tests under torchrun: build a model, run it, save what this rank computed."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from llama import Llama
+
+PROMPTS = ["The cat", "A dog sat on the mat and the sun", "Red"]
+TOKENS = [[1, 5, 9, 13, 20, 30, 41]]
+
+
+def run(generator: Llama) -> dict:
+    """The same calls, in the same order, in every process and in the single-process reference."""
+    return {
+        "logits": generator.model(torch.tensor(TOKENS), 0),
+        "greedy": generator.text_completion(PROMPTS, max_gen_len=12, temperature=0),
+        "sampled": generator.text_completion(PROMPTS, max_gen_len=12, temperature=0.8),
+    }
+
+
+def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
+    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=48, max_batch_size=4, device="cpu")
+
+
+if __name__ == "__main__":
+    ckpt_dir, tokenizer_path, out_dir = sys.argv[1:4]
+    result = run(build(ckpt_dir, tokenizer_path))
+    torch.save(result, f"{out_dir}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
