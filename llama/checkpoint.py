@@ -7,15 +7,17 @@ Which dimension each weight is split on is written down once, in `PARALLEL_DIM`.
 import hashlib
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama.model import ModelArgs, Transformer, ffn_hidden_dim
-from llama.runtime import Runtime
+from llama.runtime import Runtime, is_main_process
 from llama.tokenizer import Tokenizer
 
 # Column-parallel weights split their output rows (dim 0), row-parallel ones their input
@@ -133,15 +135,23 @@ def load_weights(
     model.load_state_dict({key: tensor.to(device=device, dtype=dtype) for key, tensor in found.items()}, assign=True)
 
 
-def load_model(shard: Path, args: ModelArgs, tokenizer: Tokenizer, runtime: Runtime) -> Transformer:
+def load_model(
+    ckpt_dir: str | Path, tokenizer: Tokenizer, runtime: Runtime, max_seq_len: int, max_batch_size: int
+) -> Transformer:
     """This rank's part of the model, on the runtime's device and in its dtype, with its KV cache.
 
     The tokenizer fixes the vocabulary: params.json may leave it at -1, and a tokenizer that
     does not match the embedding would silently produce garbage.
     """
+    shards = find_shards(ckpt_dir)
+    params = read_params(ckpt_dir)
+    check_shard_count(shards, fs_init.get_model_parallel_world_size())
+    args, unknown = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if unknown and is_main_process():
+        warnings.warn(f"{Path(ckpt_dir) / 'params.json'}: ignoring unknown key(s) {', '.join(unknown)}", stacklevel=3)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
-    state_dict = load_shard(shard)
+    state_dict = load_shard(shards[fs_init.get_model_parallel_rank()])
     embedding = state_dict.get("tok_embeddings.weight")
     if embedding is not None and embedding.shape[0] != tokenizer.n_words:
         raise ValueError(

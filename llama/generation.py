@@ -1,15 +1,13 @@
 """Loading a model and generating text: prefill, decode, sample, and the Llama 2 chat format."""
 
 import time
-import warnings
-from pathlib import Path
 from typing import Literal, TypedDict
 
 import torch
 
-from llama.checkpoint import check_shard_count, find_shards, load_model, read_params
-from llama.model import ModelArgs, Transformer
-from llama.runtime import choose_runtime, init_model_parallel, is_main_process, model_parallel_rank
+from llama.checkpoint import load_model
+from llama.model import Transformer
+from llama.runtime import choose_runtime, init_model_parallel, is_main_process
 from llama.tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant"]
@@ -60,20 +58,13 @@ class Llama:
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        shards = find_shards(ckpt_dir)
-        params = read_params(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path)
         runtime = choose_runtime(device, dtype)
-        check_shard_count(shards, init_model_parallel(runtime, model_parallel_size))
+        init_model_parallel(runtime, model_parallel_size)
         torch.manual_seed(seed)
 
         start_time = time.time()
-        args, unknown = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if unknown and is_main_process():
-            warnings.warn(
-                f"{Path(ckpt_dir) / 'params.json'}: ignoring unknown key(s) {', '.join(unknown)}", stacklevel=2
-            )
-        model = load_model(shards[model_parallel_rank()], args, tokenizer, runtime)
+        model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len, max_batch_size)
         if is_main_process():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer)

@@ -94,10 +94,6 @@ def init_model_parallel(runtime: Runtime, model_parallel_size: int | None = None
     return model_parallel_size
 
 
-def model_parallel_rank() -> int:
-    return fs_init.get_model_parallel_rank()
-
-
 def is_main_process() -> bool:
     """Only this process prints, so a torchrun group shows each answer once."""
     if dist.is_initialized():
