@@ -115,6 +115,8 @@ class Attention(nn.Module):
         super().__init__()
         model_parallel_size = fs_init.get_model_parallel_world_size()
         n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        # With more ranks than KV heads, each rank holds a copy of the one KV head its query heads use.
+        n_kv_heads = max(n_kv_heads, model_parallel_size)
         self.n_local_heads = args.n_heads // model_parallel_size
         self.n_local_kv_heads = n_kv_heads // model_parallel_size
         self.head_dim = args.dim // args.n_heads
