@@ -13,7 +13,9 @@ setup(
     python_requires=">=3.10",
     install_requires=Path("requirements.txt").read_text().split(),
     extras_require={
+        # Reading and writing Hugging Face checkpoints (config.json + model*.safetensors).
+        "hf": ["safetensors"],
         # transformers is the independent implementation the tests compare logits against.
-        "test": ["pytest", "ruff", "transformers"],
+        "test": ["pytest", "ruff", "safetensors", "transformers"],
     },
 )

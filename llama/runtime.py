@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import fire
 import torch
@@ -92,6 +93,26 @@ def init_model_parallel(runtime: Runtime, model_parallel_size: int | None = None
         model_parallel_size = dist.get_world_size()
     fs_init.initialize_model_parallel(model_parallel_size)
     return model_parallel_size
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process may still fill on its device, or None where the platform does not say.
+
+    On a GPU, its free memory. On the CPU, Linux's MemAvailable (free RAM plus page cache it can
+    reclaim), shared evenly by the processes torchrun started on this machine.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return None
 
 
 def is_main_process() -> bool:

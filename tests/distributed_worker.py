@@ -1,6 +1,10 @@
-"""Started by tests under torchrun: build a model, run it, save what this rank computed."""
+"""Started by tests under torchrun: build each model given, run it, save what this rank computed.
+
+distributed_worker.py OUT_DIR TOKENIZER CKPT_DIR [CKPT_DIR ...]  ->  OUT_DIR/<ckpt name>-rank<r>.pt
+"""
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,7 +29,8 @@ def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
 
 
 if __name__ == "__main__":
-    ckpt_dir, tokenizer_path, out_dir = sys.argv[1:4]
-    result = run(build(ckpt_dir, tokenizer_path))
-    torch.save(result, f"{out_dir}/rank{dist.get_rank()}.pt")
+    out_dir, tokenizer_path, *ckpt_dirs = sys.argv[1:]
+    for ckpt_dir in ckpt_dirs:
+        result = run(build(ckpt_dir, tokenizer_path))
+        torch.save(result, f"{out_dir}/{Path(ckpt_dir).name}-rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

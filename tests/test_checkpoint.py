@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama.checkpoint
 from llama import Llama
 from llama.checkpoint import (
+    MetaCheckpoint,
+    check_memory,
+    check_model_parallel_size,
+    estimate_memory,
     md5sum,
     merge_state_dicts,
     parallel_dim,
@@ -16,7 +21,19 @@ from llama.checkpoint import (
     split_state_dict,
     weight_shapes,
 )
-from tests.conftest import GROUPED_QUERY, model_args, write_checkpoint
+from llama.model import ModelArgs
+from llama.runtime import Runtime
+from tests.conftest import GROUPED_QUERY, MULTI_HEAD, model_args, write_checkpoint
+
+TOKENS = torch.tensor([[1, 5, 9, 13, 20, 30, 41]])
+LLAMA2_70B = {
+    "dim": 8192,
+    "n_layers": 80,
+    "n_heads": 64,
+    "n_kv_heads": 8,
+    "multiple_of": 4096,
+    "ffn_dim_multiplier": 1.3,
+}
 
 
 def build(ckpt_dir: Path, tokenizer_path: str, **kwargs) -> Llama:
@@ -81,9 +98,65 @@ def test_malformed_params_json(
         build(folder, tokenizer_path)
 
 
-def test_shard_count_must_match_processes(checkpoint_2_shards: Path, tokenizer_path: str) -> None:
-    with pytest.raises(ValueError, match="2 shard.*torchrun --nproc_per_node 2"):
-        build(checkpoint_2_shards, tokenizer_path)
+def test_two_shards_on_one_process_match_one_shard(
+    checkpoint: Path, checkpoint_2_shards: Path, tokenizer_path: str
+) -> None:
+    merged = build(checkpoint_2_shards, tokenizer_path).model(TOKENS, 0)
+    assert torch.equal(merged, build(checkpoint, tokenizer_path).model(TOKENS, 0))
+
+
+def expected_part(key: str, tensor: torch.Tensor, rank: int, world: int, n_kv_heads: int) -> torch.Tensor:
+    dim = parallel_dim(key)
+    if dim is None:
+        return tensor
+    if key.endswith(("wk.weight", "wv.weight")) and world > n_kv_heads:
+        return tensor.chunk(n_kv_heads)[rank * n_kv_heads // world]
+    return tensor.chunk(world, dim)[rank]
+
+
+@pytest.mark.parametrize("params", [MULTI_HEAD, GROUPED_QUERY, {**GROUPED_QUERY, "n_kv_heads": 1}])
+def test_any_shard_count_reads_as_any_other(params: dict, tmp_path: Path) -> None:
+    args = model_args(params, 64)
+    full = random_state_dict(args)
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    for n_shards in (1, 2, 4):
+        folder = tmp_path / str(n_shards)
+        if n_shards <= n_kv_heads:
+            write_checkpoint(folder, params, 64, n_shards)
+        else:  # each shard holds a copy of its KV head, as the rank that loads it does
+            llama.checkpoint.reshard(tmp_path / "1", folder, n_shards)
+        source = MetaCheckpoint(folder)
+        for world in (1, 2, 4):
+            for rank in range(world):
+                for key, tensor in full.items():
+                    expected = expected_part(key, tensor, rank, world, n_kv_heads)
+                    assert torch.equal(source.read(key, rank, world), expected), (n_shards, world, rank, key)
+
+
+def test_more_ranks_than_kv_heads_each_get_a_copy_of_their_head() -> None:
+    args = model_args({**GROUPED_QUERY, "n_kv_heads": 1}, 64)
+    shapes = llama.checkpoint.rank_shapes(args, rank=1, world=4)
+    assert shapes["layers.0.attention.wq.weight"] == (16, 64)  # one of four query heads
+    assert shapes["layers.0.attention.wk.weight"] == (16, 64)  # the one KV head, copied
+    assert llama.checkpoint.part_range("layers.0.attention.wv.weight", 32, rank=3, world=4, n_kv_heads=2) == (16, 32)
+
+
+@pytest.mark.parametrize(
+    ("params", "world", "message"),
+    [
+        (MULTI_HEAD, 3, r"n_heads \(4\) is not divisible by 3\. It can run on 1, 2, 4"),
+        ({**GROUPED_QUERY, "n_heads": 8, "n_kv_heads": 4}, 8, None),
+        ({**GROUPED_QUERY, "n_heads": 6, "n_kv_heads": 2, "dim": 96}, 3, "3 is not a multiple of n_kv_heads"),
+        ({**MULTI_HEAD, "dim": 60, "n_heads": 2}, 4, r"n_heads \(2\)"),
+    ],
+)
+def test_model_parallel_size_must_split_the_model_evenly(params: dict, world: int, message: str | None) -> None:
+    args = model_args(params, 64)
+    if message is None:
+        check_model_parallel_size(args, world)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_model_parallel_size(args, world)
 
 
 def test_missing_tokenizer(checkpoint: Path, tmp_path: Path) -> None:
@@ -127,6 +200,19 @@ def test_misshapen_weight_is_named(checkpoint: Path, tokenizer_path: str, tmp_pa
         build(folder, tokenizer_path)
 
 
+def test_misshapen_weight_in_a_later_shard_names_the_file(
+    checkpoint_2_shards: Path, tokenizer_path: str, tmp_path: Path
+) -> None:
+    folder = copy_of(checkpoint_2_shards, tmp_path)
+    path = folder / "consolidated.01.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["layers.0.attention.wk.weight"] = torch.ones(32, 64)  # both KV heads instead of one
+    torch.save(state_dict, path)
+    message = r"consolidated.01.pth: weight layers.0.attention.wk.weight has shape \(32, 64\) but params.json "
+    with pytest.raises(ValueError, match=message + r"implies \(16, 64\) for shard 1 of 2"):
+        build(folder, tokenizer_path)
+
+
 def test_unexpected_weight_is_named_and_rope_freqs_ignored(
     checkpoint: Path, tokenizer_path: str, tmp_path: Path
 ) -> None:
@@ -161,3 +247,44 @@ def test_bf16_on_cpu_keeps_close_to_fp32(checkpoint: Path, tokenizer_path: str) 
     assert bf16.model.layers[0].attention.cache.k.dtype == torch.bfloat16
     tokens = torch.tensor([[1, 5, 9, 13, 20]])
     torch.testing.assert_close(bf16.model(tokens, 0), fp32.model(tokens, 0), atol=0.1, rtol=0.05)
+
+
+def test_memory_estimate_for_llama2_70b_on_four_gpus() -> None:
+    args = ModelArgs(**LLAMA2_70B, vocab_size=32000, max_seq_len=4096, max_batch_size=1)
+    need = estimate_memory(args, rank=0, world=4, dtype=torch.bfloat16)
+    assert need.weights / 1e9 == pytest.approx(68.98 * 2 / 4, abs=0.01)  # a quarter of 69B parameters
+    assert need.kv_cache == 2 * 80 * 4096 * 2 * 128 * 2  # two of the eight KV heads
+    sixteen = estimate_memory(args, rank=15, world=16, dtype=torch.bfloat16)
+    assert sixteen.kv_cache == 2 * 80 * 4096 * 1 * 128 * 2  # one copied KV head per rank
+
+
+def test_too_little_memory_is_refused_with_the_numbers_and_what_would_fit() -> None:
+    args = ModelArgs(**LLAMA2_70B, vocab_size=32000, max_seq_len=4096, max_batch_size=8)
+    gpu = Runtime(torch.device("cuda", 0), torch.bfloat16, "nccl")
+    with pytest.raises(ValueError) as refused:
+        check_memory(args, rank=0, world=4, runtime=gpu, available=33 * 2**30)
+    assert str(refused.value) == (
+        "this process needs about 34.6 GiB on cuda:0 but only 33.0 GiB is available: 32.1 GiB for its share "
+        "of the weights in bfloat16 and 2.5 GiB for the KV cache of max_batch_size 8 x max_seq_len 4096. "
+        "What would fit: max_batch_size 2, or 8 model-parallel processes (on more GPUs or machines)"
+    )
+    check_memory(args, rank=0, world=4, runtime=gpu, available=35 * 2**30)
+    check_memory(args, rank=0, world=4, runtime=gpu, available=None)  # unknown: not checked
+
+
+def test_build_checks_memory_before_loading(
+    checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llama.checkpoint, "available_memory", lambda device: 640 * 1024)
+    message = r"needs about 665.2 KiB on cpu but only 640.0 KiB is available.*"
+    message += r"What would fit: max_batch_size 1 with max_seq_len 13, or 2 model-parallel processes"
+    with pytest.raises(ValueError, match=message):
+        build(checkpoint, tokenizer_path)
+
+
+def test_loading_shows_progress_on_rank_0(
+    checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(llama.checkpoint, "PROGRESS_MIN_PARAMETERS", 0)
+    build(checkpoint, tokenizer_path)
+    assert capsys.readouterr().err.splitlines() == ["loading weights: 1/2 layers", "loading weights: 2/2 layers"]

@@ -1,4 +1,8 @@
-"""Model parallelism across processes: torchrun on one machine, and two 'nodes' over loopback."""
+"""Model parallelism across processes: torchrun on one machine, and two 'nodes' over loopback.
+
+One torchrun launch loads several checkpoints in turn, each on two processes, whatever their
+shard count or format; every result must match the same checkpoint run in this one process.
+"""
 
 import os
 import socket
@@ -9,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama.convert import to_hugging_face
+from tests.conftest import GROUPED_QUERY, write_checkpoint
 from tests.distributed_worker import build, run
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
@@ -34,23 +40,74 @@ def single_process(checkpoint: Path, tokenizer_path: str) -> dict:
     return run(build(str(checkpoint), tokenizer_path))
 
 
+@pytest.fixture(scope="module")
+def one_kv_head(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """Grouped-query attention with a single KV head, which two processes must each hold."""
+    folder = tmp_path_factory.mktemp("ckpt") / "one-kv-head"
+    return write_checkpoint(folder, {**GROUPED_QUERY, "n_kv_heads": 1}, tokenizer.n_words)
+
+
+@pytest.fixture(scope="module")
+def hugging_face(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, tokenizer_path: str) -> Path:
+    """The weights of `checkpoint` as a Hugging Face folder, in two safetensors files."""
+    folder = tmp_path_factory.mktemp("ckpt") / "hugging-face"
+    to_hugging_face(checkpoint, folder, tokenizer_path, max_file_bytes=350_000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_processes(
+    checkpoint: Path,
+    checkpoint_2_shards: Path,
+    one_kv_head: Path,
+    hugging_face: Path,
+    tokenizer_path: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, list[dict]]:
+    """What each of two torchrun processes computed, per checkpoint folder name."""
+    out = tmp_path_factory.mktemp("two-processes")
+    folders = [checkpoint, checkpoint_2_shards, one_kv_head, hugging_face]
+    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out), tokenizer_path)
+    done = subprocess.run(
+        command + [str(f) for f in folders], env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {f.name: [torch.load(out / f"{f.name}-rank{r}.pt", weights_only=True) for r in range(2)] for f in folders}
+
+
 def assert_same(result: dict, expected: dict) -> None:
     torch.testing.assert_close(result["logits"], expected["logits"], atol=1e-5, rtol=1e-5)
     assert result["greedy"] == expected["greedy"]
     assert result["sampled"] == expected["sampled"]
 
 
-def test_two_shards_on_two_processes_match_one_shard(
-    checkpoint_2_shards: Path, tokenizer_path: str, single_process: dict, tmp_path: Path
-) -> None:
-    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), WORKER)
-    command += [str(checkpoint_2_shards), tokenizer_path, str(tmp_path)]
-    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert_same(ranks[0], single_process)
+def assert_both_ranks_match(ranks: list[dict], expected: dict) -> None:
+    assert_same(ranks[0], expected)
     assert_same(ranks[1], ranks[0])
-    assert single_process["greedy"] != single_process["sampled"]
+    assert expected["greedy"] != expected["sampled"]
+
+
+def test_two_shards_on_two_processes_match_one_shard(
+    two_processes: dict, checkpoint_2_shards: Path, single_process: dict
+) -> None:
+    assert_both_ranks_match(two_processes[checkpoint_2_shards.name], single_process)
+
+
+def test_one_shard_splits_over_two_processes(two_processes: dict, checkpoint: Path, single_process: dict) -> None:
+    assert_both_ranks_match(two_processes[checkpoint.name], single_process)
+
+
+def test_single_kv_head_is_copied_to_both_processes(
+    two_processes: dict, one_kv_head: Path, tokenizer_path: str
+) -> None:
+    assert_both_ranks_match(two_processes[one_kv_head.name], run(build(str(one_kv_head), tokenizer_path)))
+
+
+def test_hugging_face_folder_splits_over_two_processes(
+    two_processes: dict, hugging_face: Path, single_process: dict
+) -> None:
+    assert len(list(hugging_face.glob("model-*.safetensors"))) == 2
+    assert_both_ranks_match(two_processes[hugging_face.name], single_process)
 
 
 def test_two_nodes_over_loopback(
@@ -61,10 +118,11 @@ def test_two_nodes_over_loopback(
     for node_rank in ("0", "1"):
         command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node_rank)
         command += ["--master_addr", "127.0.0.1", "--master_port", port, WORKER]
-        command += [str(checkpoint_2_shards), tokenizer_path, str(tmp_path)]
+        command += [str(tmp_path), tokenizer_path, str(checkpoint_2_shards)]
         nodes.append(subprocess.Popen(command, env=environment(), stderr=subprocess.PIPE, text=True))
     for node in nodes:
         _, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stderr[-3000:]
     for rank in range(2):
-        assert_same(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), single_process)
+        result = torch.load(tmp_path / f"{checkpoint_2_shards.name}-rank{rank}.pt", weights_only=True)
+        assert_same(result, single_process)

@@ -1,0 +1,95 @@
+"""Resharding on disk: any shard count to any other, bit-exact, one output shard in memory at a time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama.checkpoint
+from llama.checkpoint import md5sum, random_state_dict, reshard, save_checkpoint
+from llama.model import ModelArgs
+from tests.test_distributed import ROOT, environment
+
+PROBE = str(Path(__file__).with_name("peak_memory.py"))
+
+# Big enough (136 MB in fp32) that a whole model held in memory would stand out from Python's own.
+MEDIUM = {"dim": 1024, "n_layers": 2, "n_heads": 8, "multiple_of": 256, "vocab_size": 4096}
+
+
+def shards_of(folder: Path) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(path, weights_only=True) for path in sorted(folder.glob("consolidated.*.pth"))]
+
+
+def assert_same_shards(folder: Path, expected: Path) -> None:
+    found, wanted = shards_of(folder), shards_of(expected)
+    assert len(found) == len(wanted)
+    for shard, expected_shard in zip(found, wanted):
+        assert shard.keys() == expected_shard.keys()
+        assert all(torch.equal(shard[key], expected_shard[key]) for key in shard)
+
+
+def test_reshard_splits_and_merges_bit_exactly(checkpoint: Path, checkpoint_2_shards: Path, tmp_path: Path) -> None:
+    reshard(checkpoint, tmp_path / "mp2", 2)
+    assert_same_shards(tmp_path / "mp2", checkpoint_2_shards)
+    reshard(tmp_path / "mp2", tmp_path / "mp4", 4)  # more shards than the two KV heads: each holds a copy
+    reshard(tmp_path / "mp4", tmp_path / "mp1", 1)
+    assert_same_shards(tmp_path / "mp1", checkpoint)
+    assert json.loads((tmp_path / "mp1" / "params.json").read_text()) == json.loads(
+        (checkpoint / "params.json").read_text()
+    )
+    for line in (tmp_path / "mp4" / "checklist.chk").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert md5sum(tmp_path / "mp4" / name) == digest
+
+
+def test_reshard_needs_a_new_folder(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is the input folder"):
+        reshard(checkpoint, checkpoint, 2)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "consolidated.07.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="already exists and is not an empty folder"):
+        reshard(checkpoint, tmp_path / "used", 2)
+
+
+def test_reshard_refuses_a_size_that_does_not_split_the_model(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"n_heads \(4\) is not divisible by 3\. It can run on 1, 2, 4"):
+        reshard(checkpoint, tmp_path / "mp3", 3)
+    assert not (tmp_path / "mp3").exists()
+
+
+def test_reshard_shows_progress(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(llama.checkpoint, "PROGRESS_MIN_PARAMETERS", 0)
+    reshard(checkpoint, tmp_path / "mp2", 2)
+    assert capsys.readouterr().err.splitlines() == [f"writing 2 shard(s): {i}/4 layers" for i in range(1, 5)]
+
+
+def test_reshard_command_reports_a_mistake_in_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "llama.reshard", str(checkpoint), str(tmp_path / "mp3")]
+    done = subprocess.run(
+        command + ["--model-parallel-size", "3"], cwd=ROOT, env=environment(), capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: this model cannot be split over 3 model-parallel processes")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures memory through Linux's /proc")
+def test_resharding_holds_one_output_shard_at_a_time(tmp_path: Path) -> None:
+    args = ModelArgs.from_params(MEDIUM)[0]
+    save_checkpoint(tmp_path / "mp1", [random_state_dict(args)], MEDIUM)
+    command = [sys.executable, PROBE, "llama.reshard", str(tmp_path / "mp1"), str(tmp_path / "mp4")]
+    done = subprocess.run(
+        command + ["--model-parallel-size", "4"], cwd=ROOT, env=environment(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak = json.loads(done.stdout.splitlines()[-1])
+    share = (tmp_path / "mp4" / "consolidated.00.pth").stat().st_size
+    model = (tmp_path / "mp1" / "consolidated.00.pth").stat().st_size
+    print(f"share {share / 2**20:.1f} MiB of {model / 2**20:.1f} MiB; peak added: ", end="")
+    print(f"private {peak['private'] / 2**20:.1f} MiB, resident {peak['resident'] / 2**20:.1f} MiB")
+    assert peak["private"] < 1.5 * share  # two shards at once would be 2x, the whole model 4x
