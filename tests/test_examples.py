@@ -49,17 +49,17 @@ def test_text_example_under_torchrun_prints_once(checkpoint_2_shards: Path, toke
     assert done.stdout.count("Loaded in") == 1
 
 
-def test_wrong_process_count_is_one_clear_line(checkpoint_2_shards: Path, tokenizer_path: str) -> None:
+def test_wrong_checkpoint_folder_is_one_clear_line(checkpoint: Path, tokenizer_path: str) -> None:
     done = run_script(
         [
             sys.executable,
             "example_text_completion.py",
             "--ckpt_dir",
-            str(checkpoint_2_shards),
+            str(checkpoint.parent),
             "--tokenizer_path",
             tokenizer_path,
         ]
     )
     assert done.returncode == 1
-    assert "error: the checkpoint" in done.stderr and "torchrun --nproc_per_node 2" in done.stderr
+    assert "error: no consolidated.NN.pth files" in done.stderr and "not its parent" in done.stderr
     assert "Traceback" not in done.stderr
