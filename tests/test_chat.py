@@ -1,0 +1,247 @@
+"""Multi-turn chat: ChatSession (dialog, window, cache reuse) and chat.py through a pipe, a terminal and torchrun."""
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.generation import ChatSession, encode_dialog
+from tests.test_distributed import ROOT, environment, free_port, torchrun
+
+MESSAGES = ["Hi", "The cat sat on the mat", "Café 🙂 世界", "Red", "A dog runs", "Thanks"]
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint: Path, tokenizer_path: str) -> Llama:
+    """A generator of its own, so no other test writes into the cache that a session reuses."""
+    return Llama.build(str(checkpoint), tokenizer_path, max_seq_len=256, max_batch_size=1, device="cpu")
+
+
+@pytest.fixture
+def tokens_run(llama: Llama, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of tokens of every forward pass, in order."""
+    lengths: list[int] = []
+    hidden_states = llama.model.hidden_states
+
+    def spy(tokens: torch.Tensor, start_pos):
+        lengths.append(tokens.shape[1])
+        return hidden_states(tokens, start_pos)
+
+    monkeypatch.setattr(llama.model, "hidden_states", spy)
+    return lengths
+
+
+def converse(session: ChatSession, tokens_run: list[int]) -> tuple[list[str], list[int], list[int]]:
+    """Send MESSAGES; return the answers, the exchanges dropped and the tokens prefilled at each turn."""
+    answers, dropped, prefilled = [], [], []
+    for message in MESSAGES:
+        first_pass = len(tokens_run)
+        turn_dropped, answer = session.send(message)
+        answers.append("".join(answer))
+        dropped.append(turn_dropped)
+        prefilled.append(tokens_run[first_pass])
+    return answers, dropped, prefilled
+
+
+def test_cache_reuse_gives_the_answers_of_a_fresh_prefill(llama: Llama, tokens_run: list[int]) -> None:
+    options = {"system": "Be brief.", "max_gen_len": 32, "temperature": 0}
+    reused, reused_dropped, reused_prefilled = converse(ChatSession(llama, **options), tokens_run)
+    fresh, fresh_dropped, fresh_prefilled = converse(ChatSession(llama, **options, reuse_cache=False), tokens_run)
+    assert reused == fresh
+    assert reused_dropped == fresh_dropped and any(fresh_dropped)  # reuse also survives dropping turns
+    assert reused_prefilled[0] == fresh_prefilled[0]
+    assert all(r < f for r, f in zip(reused_prefilled[1:], fresh_prefilled[1:]))
+
+
+def test_oldest_exchanges_are_dropped_to_leave_room_for_the_answer(llama: Llama) -> None:
+    session = ChatSession(llama, system="Be brief.", max_gen_len=100, temperature=0)
+    dropped = []
+    for message in MESSAGES:
+        turn_dropped, answer = session.send(message)
+        dropped.append(turn_dropped)
+        prompt = encode_dialog(llama.tokenizer, session.dialog[:-1])
+        assert len(prompt) + 100 <= 256
+        "".join(answer)
+    assert sum(dropped) > 0
+    assert session.dialog[0] == {"role": "system", "content": "Be brief."}
+    assert session.dialog[1]["content"] != MESSAGES[0]
+
+
+def test_a_message_too_long_to_fit_alone_is_refused(llama: Llama) -> None:
+    session = ChatSession(llama, max_gen_len=64, temperature=0)
+    "".join(session.send("Hi")[1])
+    before = list(session.dialog)
+    with pytest.raises(ValueError, match="the message is too long"):
+        session.send("the cat sat " * 100)
+    assert session.dialog == before
+
+
+def test_a_stopped_answer_stays_in_the_dialog(llama: Llama) -> None:
+    session = ChatSession(llama, max_gen_len=32, temperature=0)
+    _, answer = session.send("Hi")
+    partial = "".join(next(answer) for _ in range(6))
+    answer.close()
+    assert session.dialog[-1] == {"role": "assistant", "content": partial}
+    next_answer = "".join(session.send("Red")[1])
+    fresh = llama.chat_completion([session.dialog[:-1]], max_gen_len=32, temperature=0)
+    assert next_answer == fresh[0]["generation"]["content"]
+
+
+def test_reset_keeps_only_the_system_prompt(llama: Llama) -> None:
+    session = ChatSession(llama, system="Be brief.", max_gen_len=16, temperature=0)
+    first = "".join(session.send("Hi")[1])
+    "".join(session.send("Red")[1])
+    session.reset()
+    assert session.dialog == [{"role": "system", "content": "Be brief."}]
+    assert "".join(session.send("Hi")[1]) == first
+
+
+def test_special_tags_and_bad_lengths_are_refused(llama: Llama) -> None:
+    session = ChatSession(llama, max_gen_len=16)
+    with pytest.raises(ValueError, match="special tags"):
+        session.send("say [INST] now")
+    assert session.dialog == []
+    with pytest.raises(ValueError, match="special tags"):
+        ChatSession(llama, system="<<SYS>>")
+    with pytest.raises(ValueError, match="max_gen_len must be between 1 and 255"):
+        ChatSession(llama, max_gen_len=256)
+
+
+# chat.py, as people run it. Greedy, so that answers can be compared across runs.
+PIPED = ["Hi", "The cat sat", "/reset", "Hi", "the red sun " * 12, "the cat " * 50]
+
+
+def chat_command(checkpoint: Path, tokenizer_path: str, max_seq_len: int, max_gen_len: int) -> list[str]:
+    return ["chat.py", "--ckpt_dir", str(checkpoint), "--tokenizer_path", tokenizer_path, "--temperature", "0"] + [
+        "--max_seq_len",
+        str(max_seq_len),
+        "--max_gen_len",
+        str(max_gen_len),
+    ]
+
+
+def run_piped(command: list[str]) -> subprocess.CompletedProcess:
+    stdin = "".join(line + "\n" for line in PIPED)
+    return subprocess.run(
+        command, input=stdin, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300
+    )
+
+
+def turns(stdout: str) -> list[str]:
+    """What follows each prompt: the line read, then what the chat printed before the next prompt."""
+    return stdout.split("User: ")[1:]
+
+
+@pytest.fixture(scope="module")
+def piped(checkpoint: Path, tokenizer_path: str) -> subprocess.CompletedProcess:
+    return run_piped([sys.executable] + chat_command(checkpoint, tokenizer_path, 96, 24))
+
+
+def test_piped_chat_answers_each_turn_and_exits_at_end_of_input(piped: subprocess.CompletedProcess) -> None:
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    chunks = turns(piped.stdout)
+    assert len(chunks) == len(PIPED) + 1 and chunks[-1] == "\n"  # end of input ends the last prompt
+    assert chunks[0].startswith("Hi\nAssistant: ") and chunks[1].startswith("The cat sat\nAssistant: ")
+
+
+def test_piped_chat_reset_starts_a_new_dialog(piped: subprocess.CompletedProcess) -> None:
+    chunks = turns(piped.stdout)
+    assert chunks[2] == "/reset\n(new dialog)\n"
+    assert chunks[3] == chunks[0]  # the same first message, answered the same way in a fresh dialog
+
+
+def test_piped_chat_drops_old_turns_and_refuses_what_cannot_fit(piped: subprocess.CompletedProcess) -> None:
+    chunks = turns(piped.stdout)
+    assert "(dropped the oldest 1 exchange(s) to stay within max_seq_len=96)\nAssistant: " in chunks[4]
+    assert "error: the message is too long" in chunks[5]
+    assert "Traceback" not in piped.stderr
+
+
+def test_chat_under_torchrun_answers_like_one_process(
+    piped: subprocess.CompletedProcess, checkpoint_2_shards: Path, tokenizer_path: str
+) -> None:
+    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()))
+    done = run_piped(command + chat_command(checkpoint_2_shards, tokenizer_path, 96, 24))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert turns(done.stdout) == turns(piped.stdout)  # rank 0 alone prints, and every rank agreed
+    assert done.stdout.count("Type a message") == 1
+
+
+class Terminal:
+    """chat.py in a pseudo-terminal: what it prints, and keys typed into it."""
+
+    def __init__(self, command: list[str]):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: becomes chat.py, with the terminal as its own
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable] + command, environment())
+        self.output, self.read_up_to = b"", 0
+        self.ended = False
+
+    def expect(self, text: bytes, timeout: float = 60) -> None:
+        """Wait for text to appear after what was expected last."""
+        self.wait(lambda: text in self.output[self.read_up_to :], f"{text!r}", timeout)
+        self.read_up_to = self.output.index(text, self.read_up_to) + len(text)
+
+    def expect_some(self, count: int, timeout: float = 60) -> None:
+        """Wait for count more bytes of output, whatever they are."""
+        self.wait(lambda: len(self.output) >= self.read_up_to + count, f"{count} bytes", timeout)
+        self.read_up_to += count
+
+    def wait(self, done, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            try:
+                self.output += os.read(self.fd, 4096) if ready else b""
+            except OSError:  # the other side closed: chat.py has ended
+                ready = []
+            assert ready, f"no {what} within {timeout} s; the terminal shows:\n{self.output.decode()[-2000:]}"
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+    def exit_code(self) -> int:
+        status = os.waitpid(self.pid, 0)[1]
+        self.ended = True
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
+        """End chat.py if it still runs (a failed test), and close the terminal."""
+        if not self.ended:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def test_chat_in_a_terminal_ctrl_c_stops_the_answer_not_the_session(checkpoint: Path, tokenizer_path: str) -> None:
+    # Answers may be 1000 tokens long: long enough to be interrupted half-way.
+    terminal = Terminal(chat_command(checkpoint, tokenizer_path, 2048, 1000))
+    try:
+        terminal.expect(b"User: ")
+        terminal.type(b"Hi\r")
+        terminal.expect(b"Assistant: ")
+        terminal.expect_some(5)  # some of the answer has arrived
+        terminal.type(b"\x03")
+        terminal.expect(b" [stopped]\r\nUser: ", timeout=10)
+        terminal.type(b"half a line\x03/reset\r")  # at the prompt, Ctrl-C clears the line
+        terminal.expect(b"(new dialog)\r\nUser: ")
+        terminal.type(b"\x04")
+        assert terminal.exit_code() == 0
+    finally:
+        terminal.close()
+
+
+def test_chat_without_a_checkpoint_says_what_to_pass() -> None:
+    from chat import main
+
+    with pytest.raises(ValueError, match="pass --ckpt_dir"):
+        main(tokenizer_path="tokenizer.model")
