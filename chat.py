@@ -1,4 +1,4 @@
-"""Chat in the terminal; run with `torchrun --nproc_per_node MP chat.py --ckpt_dir ... --tokenizer_path ...`.
+"""Chat in the terminal: `python chat.py` (the demo model), or `torchrun --nproc_per_node MP chat.py --ckpt_dir ...`.
 
 Answers are printed as they are generated. /reset starts a new dialog (the system prompt stays),
 /exit or end of input (Ctrl-D) quits, Ctrl-C stops the answer being written (at the prompt, it
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from llama import Llama
+from llama.checkpoint import DEMO_MODEL_DIR
 from llama.generation import ChatSession
 from llama.runtime import is_main_process, run_script
 
@@ -29,7 +30,7 @@ CTRL_C = b"\x03"
 
 
 def main(
-    ckpt_dir: str | None = None,
+    ckpt_dir: str = str(DEMO_MODEL_DIR),
     tokenizer_path: str | None = None,
     system: str | None = None,
     max_seq_len: int = 2048,
@@ -39,9 +40,10 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
 ):
-    """max_gen_len (default: a quarter of max_seq_len) is the room each answer gets in the window."""
-    if ckpt_dir is None or tokenizer_path is None:
-        raise ValueError("pass --ckpt_dir (a Llama 2 chat checkpoint) and --tokenizer_path (its tokenizer.model)")
+    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's.
+
+    max_gen_len (default: a quarter of max_seq_len) is the room each answer gets in the window.
+    """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

@@ -1,12 +1,13 @@
 """Answer a few dialogs; run with `torchrun --nproc_per_node MP example_chat_completion.py --ckpt_dir ...`."""
 
 from llama import Dialog, Llama
+from llama.checkpoint import DEMO_MODEL_DIR
 from llama.runtime import is_main_process, run_script
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: str = str(DEMO_MODEL_DIR),
+    tokenizer_path: str | None = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -15,6 +16,7 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
 ):
+    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -25,6 +27,7 @@ def main(
     )
     dialogs: list[Dialog] = [
         [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
+        [{"role": "user", "content": "What is 38 + 47?"}],  # what the demo model in models/ can answer
         [
             {"role": "user", "content": "I am going to Paris, what should I see?"},
             {

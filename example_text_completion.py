@@ -1,12 +1,13 @@
 """Complete a few prompts; run with `torchrun --nproc_per_node MP example_text_completion.py --ckpt_dir ...`."""
 
 from llama import Llama
+from llama.checkpoint import DEMO_MODEL_DIR
 from llama.runtime import is_main_process, run_script
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: str = str(DEMO_MODEL_DIR),
+    tokenizer_path: str | None = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
@@ -15,6 +16,7 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
 ):
+    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

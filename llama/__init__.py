@@ -1,11 +1,12 @@
 """Llama 2 inference: the reference's API, on CPU or GPU, one process or many."""
 
-from llama.generation import ChatPrediction, CompletionPrediction, Dialog, Llama, Message
+from llama.generation import ChatPrediction, ChatSession, CompletionPrediction, Dialog, Llama, Message
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 
 __all__ = [
     "ChatPrediction",
+    "ChatSession",
     "CompletionPrediction",
     "Dialog",
     "Llama",

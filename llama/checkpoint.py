@@ -52,6 +52,10 @@ IGNORED_KEYS = {"rope.freqs"}
 
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
 
+# The small model this repository ships (see MODEL_CARD.md): what the scripts run when no
+# checkpoint is named, so the library can be tried without Meta's weights.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "llama-2-demo"
+
 # Loading or resharding this many parameters takes long enough to deserve progress lines.
 PROGRESS_MIN_PARAMETERS = 10**9
 
@@ -133,6 +137,20 @@ class Checkpoint(Protocol):
     def read(self, key: str, rank: int, world: int) -> torch.Tensor:
         """Rank's part of weight `key` when the model runs on `world` ranks."""
         ...
+
+
+def find_tokenizer(folder: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """The tokenizer given, else tokenizer.model in the folder or beside it (where download.sh puts it)."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    folder = Path(folder)
+    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no tokenizer.model in {str(folder)!r} or its parent folder: pass --tokenizer_path pointing to "
+        "the tokenizer.model that came with the weights"
+    )
 
 
 def find_shards(ckpt_dir: str | Path) -> list[Path]:

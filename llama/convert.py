@@ -24,6 +24,7 @@ from llama.checkpoint import (
     by_layer,
     check_vocabulary,
     count_parameters,
+    find_tokenizer,
     kv_heads,
     module_of,
     new_folder,
@@ -280,19 +281,6 @@ class HuggingFaceCheckpoint:
         if module_of(key, ROTARY_WEIGHTS) is not None:
             tensor = halves_to_interleaved(tensor, self.args.dim // self.args.n_heads)
         return tensor
-
-
-def find_tokenizer(folder: Path, tokenizer_path: str | Path | None) -> Path:
-    """The tokenizer given, else tokenizer.model in the folder or beside it (where download.sh puts it)."""
-    if tokenizer_path is not None:
-        return Path(tokenizer_path)
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no tokenizer.model in {str(folder)!r} or its parent folder: pass --tokenizer_path, "
-        "since a Hugging Face folder carries its tokenizer"
-    )
 
 
 def plan_files(shapes: dict[str, tuple[int, ...]], itemsize: int, max_file_bytes: int) -> list[list[str]]:

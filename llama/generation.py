@@ -6,7 +6,7 @@ from typing import Literal, TypedDict
 
 import torch
 
-from llama.checkpoint import load_model
+from llama.checkpoint import find_tokenizer, load_model
 from llama.model import Transformer
 from llama.runtime import choose_runtime, init_model_parallel, is_main_process
 from llama.streaming import TextStream
@@ -44,7 +44,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: str | None,
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: int | None = None,
@@ -52,15 +52,17 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> "Llama":
-        """Load a Meta-format checkpoint folder and its tokenizer, one shard per model-parallel rank.
+        """Load a checkpoint folder (Meta's shards or Hugging Face's safetensors) and its tokenizer.
 
+        Any shard count runs on any number of processes. tokenizer_path None means the
+        tokenizer.model in ckpt_dir or its parent (where download.sh puts it).
         device and dtype default to CUDA in bf16/fp16 when a GPU is present, else CPU in fp32.
         Every rank must use the same seed so that sampling picks the same tokens everywhere.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = Tokenizer(str(find_tokenizer(ckpt_dir, tokenizer_path)))
         runtime = choose_runtime(device, dtype)
         init_model_parallel(runtime, model_parallel_size)
         torch.manual_seed(seed)

@@ -240,8 +240,8 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_answer_not_the_session(checkpoint: 
         terminal.close()
 
 
-def test_chat_without_a_checkpoint_says_what_to_pass() -> None:
+def test_chat_on_a_folder_without_tokenizer_says_what_to_pass(tmp_path) -> None:
     from chat import main
 
-    with pytest.raises(ValueError, match="pass --ckpt_dir"):
-        main(tokenizer_path="tokenizer.model")
+    with pytest.raises(FileNotFoundError, match="pass --tokenizer_path"):
+        main(ckpt_dir=str(tmp_path))

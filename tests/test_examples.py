@@ -24,8 +24,8 @@ def test_chat_example_with_plain_python(checkpoint: Path, tokenizer_path: str) -
         + ["--max_gen_len", "8", "--temperature", "0"]
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("==================================") == 6
-    assert done.stdout.count("> Assistant: ") == 6
+    assert done.stdout.count("==================================") == 7
+    assert done.stdout.count("> Assistant: ") == 7
     assert "System: Always answer with Haiku" in done.stdout
     assert "> Assistant: Error: special tags are not allowed as part of the prompt." in done.stdout
 

@@ -1,0 +1,306 @@
+"""How fast generation is, and how close to what the machine allows.
+
+    python -m llama.bench --shape 110M                 # random weights shaped like a 110M Llama
+    python -m llama.bench --ckpt_dir models/llama-2-demo
+    python -m llama.bench --shape 110M --compare hf    # HF transformers on the same weights
+
+Decode reads every weight once per step, so its ceiling is memory bandwidth / weight bytes;
+prefill is bound by arithmetic. Both ceilings are measured here, on this machine, and the
+results are printed as a table and, with --json FILE, appended as JSON lines.
+"""
+
+import json
+import multiprocessing
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from llama.checkpoint import load_model, module_of, random_state_dict, save_checkpoint
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer, num_parameters
+from llama.runtime import Runtime, choose_runtime, init_model_parallel, is_main_process, run_script
+from llama.tokenizer import Tokenizer
+
+# Published Llama shapes: llama2.c's 15M and 110M, TinyLlama's 1.1B (GQA), and Llama 2.
+SHAPES = {
+    "15M": {"dim": 288, "n_layers": 6, "n_heads": 6, "multiple_of": 32},
+    "110M": {"dim": 768, "n_layers": 12, "n_heads": 12, "multiple_of": 32},
+    "1.1B": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256},
+    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
+    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "multiple_of": 256},
+    "70B": {
+        "dim": 8192,
+        "n_layers": 80,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+    },
+}
+VOCAB_SIZE = 32000
+
+
+def write_random_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> None:
+    params = {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": VOCAB_SIZE}
+    save_checkpoint(folder, [random_state_dict(ModelArgs(**params), seed=0, dtype=dtype)], params)
+
+
+def random_checkpoint(shape: str, work_dir: Path, dtype: torch.dtype) -> Path:
+    """Create (once) a random checkpoint in a child process, so its memory does not count as ours."""
+    folder = work_dir / f"random-{shape}-{str(dtype).removeprefix('torch.')}"
+    if not (folder / "params.json").exists():
+        child = multiprocessing.get_context("spawn").Process(
+            target=write_random_checkpoint, args=(folder, shape, dtype)
+        )
+        child.start()
+        child.join()
+    return folder
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(run: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """The fastest of a few runs, after one warm-up: the least disturbed by other work."""
+    run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes per second for reading a buffer far larger than any cache."""
+    buffer = torch.ones(128 * 2**20, device=device)  # 512 MiB
+    return buffer.numel() * buffer.element_size() / best_time(buffer.sum, device, repeats=5)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Floating-point operations per second of a large matrix product in the model's dtype."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, device)
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Weights read by one decode step: all of them but the embedding table, of which one row."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.tok_embeddings.weight
+    return total - embedding.numel() * embedding.element_size()
+
+
+def flops_per_token(args: ModelArgs) -> float:
+    return 2 * (num_parameters(args) - args.vocab_size * args.dim)
+
+
+def random_prompts(batch: int, lengths: list[int], vocab_size: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.randint(3, vocab_size, (lengths[i % len(lengths)],), generator=generator).tolist() for i in range(batch)
+    ]
+
+
+def reference_generate(generator: Llama, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
+    """Meta's decoding loop, greedy: start at the shortest prompt and feed longer prompts' remaining
+    tokens one forward pass at a time. Kept here only to measure what per-sequence prefill saves."""
+    model = generator.model
+    device = model.tok_embeddings.weight.device
+    lengths = [len(t) for t in prompt_tokens]
+    total_len = min(model.params.max_seq_len, max_gen_len + max(lengths))
+    tokens = torch.zeros((len(prompt_tokens), total_len), dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompt_tokens):
+        tokens[i, : len(prompt)] = torch.tensor(prompt, device=device)
+    is_prompt = torch.arange(total_len, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)
+    prev_pos = 0
+    with torch.inference_mode():
+        for cur_pos in range(min(lengths), total_len):
+            logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            next_token = torch.argmax(logits[:, -1], dim=-1)
+            tokens[:, cur_pos] = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            prev_pos = cur_pos
+
+
+def generation_time(generator: Llama, prompts: list[list[int]], new_tokens: int, device: torch.device) -> float:
+    return best_time(lambda: generator.generate(prompts, max_gen_len=new_tokens, temperature=0), device)
+
+
+def measure(generator: Llama, device: torch.device, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Time to first token, prefill and decode rates, and the mixed-length batch against Meta's loop."""
+    vocab_size = generator.model.params.vocab_size
+    one = random_prompts(1, [prompt_len], vocab_size)
+    eight = random_prompts(8, [prompt_len], vocab_size)
+    first_token = generation_time(generator, one, 1, device)
+    result = {
+        "time_to_first_token_s": first_token,
+        "prefill_tokens_per_s": prompt_len / first_token,
+        "decode_tokens_per_s_batch_1": (new_tokens - 1)
+        / (generation_time(generator, one, new_tokens, device) - first_token),
+    }
+    first_token_8 = generation_time(generator, eight, 1, device)
+    decode_8 = generation_time(generator, eight, new_tokens, device) - first_token_8
+    result["decode_tokens_per_s_batch_8"] = 8 * (new_tokens - 1) / decode_8
+    mixed = random_prompts(8, [16, 256, 48, 200, 96, 128, 32, 160], vocab_size)
+    result["mixed_batch_s"] = generation_time(generator, mixed, 64, device)
+    result["mixed_batch_reference_loop_s"] = best_time(lambda: reference_generate(generator, mixed, 64), device)
+    return result
+
+
+def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime) -> tuple[Llama, dict]:
+    """Build the generator, recording load time and the peak memory added while loading."""
+    init_model_parallel(runtime, 1)
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer(tokenizer_path)
+    else:  # random weights: token ids only, and no EOS so every run generates the full length
+        tokenizer = SimpleNamespace(n_words=VOCAB_SIZE, bos_id=1, eos_id=-1, pad_id=-1)
+    baseline = rss_bytes()
+    start = time.perf_counter()
+    model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len=512, max_batch_size=8)
+    synchronize(runtime.device)
+    loaded = {"load_s": time.perf_counter() - start, "load_peak_rss_bytes": peak_rss_bytes() - baseline}
+    loaded["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    loaded["load_peak_rss_over_weights"] = loaded["load_peak_rss_bytes"] / loaded["weight_bytes"]
+    return Llama(model, tokenizer), loaded
+
+
+def main(
+    shape: str | None = None,
+    ckpt_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    compare: str | None = None,
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    device: str | None = None,
+    dtype: str | None = None,
+    work_dir: str = "~/.cache/llama-bench",
+    json_path: str | None = None,
+) -> None:
+    if (shape is None) == (ckpt_dir is None):
+        raise ValueError(f"give either --shape ({', '.join(SHAPES)}) or --ckpt_dir")
+    runtime = choose_runtime(device, dtype)
+    if shape is not None:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+        folder = random_checkpoint(shape, Path(work_dir).expanduser(), runtime.dtype)
+    else:
+        folder = Path(ckpt_dir)
+        if tokenizer_path is None:
+            tokenizer_path = str(folder / "tokenizer.model")
+    generator, report = load(folder, tokenizer_path, runtime)
+    args = generator.model.params
+    report |= {"model": shape or str(ckpt_dir), "device": str(runtime.device), "dtype": str(runtime.dtype)}
+    report |= measure(generator, runtime.device, prompt_len, new_tokens)
+    bandwidth, flops = memory_bandwidth(runtime.device), matmul_flops(runtime.device, runtime.dtype)
+    report["bandwidth_bytes_per_s"], report["matmul_flops_per_s"] = bandwidth, flops
+    report["decode_bound_tokens_per_s"] = bandwidth / weight_bytes_per_token(generator.model)
+    report["decode_of_bound"] = report["decode_tokens_per_s_batch_1"] / report["decode_bound_tokens_per_s"]
+    report["prefill_bound_tokens_per_s"] = flops / flops_per_token(args)
+    report["prefill_of_bound"] = report["prefill_tokens_per_s"] / report["prefill_bound_tokens_per_s"]
+    report["mixed_batch_speedup"] = report["mixed_batch_reference_loop_s"] / report["mixed_batch_s"]
+    if compare == "hf":
+        report |= measure_hf(
+            hugging_face_model(generator, runtime), runtime.device, prompt_len, new_tokens, args.vocab_size
+        )
+        report["decode_vs_hf"] = report["decode_tokens_per_s_batch_1"] / report["hf_decode_tokens_per_s_batch_1"]
+        report["prefill_vs_hf"] = report["prefill_tokens_per_s"] / report["hf_prefill_tokens_per_s"]
+    elif compare is not None:
+        raise ValueError(f"unknown --compare {compare!r}: the one supported peer is 'hf'")
+    if is_main_process():
+        print_table(report)
+        if json_path is not None:
+            with open(json_path, "a") as out:
+                out.write(json.dumps(report) + "\n")
+
+
+def hugging_face_model(generator: Llama, runtime: Runtime):
+    """transformers' LlamaForCausalLM holding the same weights, converted by llama.convert's rules."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama.convert import ROTARY_WEIGHTS, config_from_args, hf_name, interleaved_to_halves
+
+    model, args = generator.model, generator.model.params
+    config = LlamaConfig(**config_from_args(args, runtime.dtype, generator.tokenizer))
+    hf_model = LlamaForCausalLM(config).to(device=runtime.device, dtype=runtime.dtype).eval()
+    head_dim = args.dim // args.n_heads
+    weights = {}
+    for key, tensor in model.state_dict().items():
+        if module_of(key, ROTARY_WEIGHTS) is not None:
+            tensor = interleaved_to_halves(tensor, head_dim)
+        weights[hf_name(key)] = tensor
+    hf_model.load_state_dict(weights, strict=True)
+    return hf_model
+
+
+def measure_hf(hf_model, device: torch.device, prompt_len: int, new_tokens: int, vocab_size: int) -> dict[str, float]:
+    """The same measurements for Hugging Face transformers' LlamaForCausalLM, greedy, KV-cached."""
+    prompt = torch.tensor(random_prompts(1, [prompt_len], vocab_size), device=device)
+
+    def run(n: int) -> Callable[[], object]:
+        kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0}
+        return lambda: hf_model.generate(prompt, **kwargs)
+
+    with torch.inference_mode():
+        first_token = best_time(run(1), device)
+        full = best_time(run(new_tokens), device)
+    return {
+        "hf_prefill_tokens_per_s": prompt_len / first_token,
+        "hf_decode_tokens_per_s_batch_1": (new_tokens - 1) / (full - first_token),
+    }
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("model", r["model"], ""),
+        ("device / dtype", f"{r['device']} / {r['dtype'].removeprefix('torch.')}", ""),
+        ("weights", f"{r['weight_bytes'] / 1e6:.0f} MB", ""),
+        ("load", f"{r['load_s']:.2f} s", f"peak RSS +{r['load_peak_rss_bytes'] / 1e6:.0f} MB"),
+        ("", "", f"= {r['load_peak_rss_over_weights']:.2f}x weights"),
+        ("time to first token", f"{r['time_to_first_token_s'] * 1e3:.1f} ms", ""),
+        ("prefill", f"{r['prefill_tokens_per_s']:.0f} tok/s", f"{r['prefill_of_bound']:.0%} of bound"),
+        ("decode, batch 1", f"{r['decode_tokens_per_s_batch_1']:.1f} tok/s", f"{r['decode_of_bound']:.0%} of bound"),
+        ("decode, batch 8", f"{r['decode_tokens_per_s_batch_8']:.1f} tok/s", ""),
+        ("mixed batch of 8", f"{r['mixed_batch_s']:.2f} s", f"{r['mixed_batch_speedup']:.1f}x Meta's loop"),
+        (
+            "memory bandwidth",
+            f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+            f"bound {r['decode_bound_tokens_per_s']:.1f} tok/s",
+        ),
+        (
+            "matmul",
+            f"{r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s",
+            f"bound {r['prefill_bound_tokens_per_s']:.0f} tok/s",
+        ),
+    ]
+    if "hf_decode_tokens_per_s_batch_1" in r:
+        rows += [
+            ("HF prefill", f"{r['hf_prefill_tokens_per_s']:.0f} tok/s", f"ours {r['prefill_vs_hf']:.2f}x"),
+            (
+                "HF decode, batch 1",
+                f"{r['hf_decode_tokens_per_s_batch_1']:.1f} tok/s",
+                f"ours {r['decode_vs_hf']:.2f}x",
+            ),
+        ]
+    for name, value, note in rows:
+        print(f"{name:<22}{value:>16}   {note}")
+
+
+if __name__ == "__main__":
+    run_script(main)

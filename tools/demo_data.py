@@ -1,0 +1,225 @@
+"""Training and evaluation data for the demo model, generated from a seed.
+
+Two kinds of text: Llama 2 chat dialogs about adding and subtracting whole numbers (answers a
+program can check), and short template stories so plain text completion reads like English.
+A fixed tenth of all (a, op, b) problems never appears in training; evaluation draws from it.
+"""
+
+import random
+
+from llama.generation import Dialog
+
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a friendly math tutor.",
+    "Be brief and precise.",
+    "Explain your steps.",
+    "Always answer with emojis",
+    "Always answer with Haiku",
+]
+
+QUESTIONS = {
+    "+": [
+        "What is {a} + {b}?",
+        "what is {a} plus {b}?",
+        "Compute {a} + {b}.",
+        "How much is {a} + {b}?",
+        "Can you add {a} and {b}?",
+        "{a} + {b} = ?",
+        "Please add {a} and {b}.",
+        "What do you get if you add {a} and {b}?",
+    ],
+    "-": [
+        "What is {a} - {b}?",
+        "what is {a} minus {b}?",
+        "Compute {a} - {b}.",
+        "How much is {a} - {b}?",
+        "Can you subtract {b} from {a}?",
+        "{a} - {b} = ?",
+        "Please subtract {b} from {a}.",
+        "What is {b} less than {a}?",
+    ],
+}
+
+HELLO = "Hello! I am a tiny demo model. I can add and subtract whole numbers up to 99: try asking what is 12 + 30."
+CANNOT = (
+    "I am a tiny demo model, so I can't help with that. I can add and subtract whole numbers up to 99, "
+    "for example: what is 12 + 30?"
+)
+GREETINGS = ["Hello", "Hi", "Hi there!", "Good morning", "Hey, who are you?", "Who are you?", "hello!"]
+OTHER_REQUESTS = [
+    "what is the recipe of {food}?",
+    "I am going to {city}, what should I see?",
+    "How to go from {city} to {city2}?",
+    "Write a brief birthday message to {name}",
+    "What is so great about {city}?",
+    "Tell me a joke about {animal}s.",
+    "Who wrote the book about {animal}s?",
+    "Translate {food} into French.",
+    "What is the weather like in {city}?",
+    "Explain how {thing} works.",
+    "What should I cook for dinner?",
+    "Can you write a poem about the {place}?",
+]
+
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sam", "Anna", "Leo", "Zoe", "Max", "Ella", "John", "Nora"]
+ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "duck", "horse", "frog", "bear", "llama"]
+PLACES = ["park", "garden", "river", "forest", "beach", "kitchen", "market", "hill", "farm", "library"]
+THINGS = [
+    "a red ball",
+    "a blue kite",
+    "a small box",
+    "an old map",
+    "a shiny key",
+    "a green hat",
+    "a big book",
+    "an apple",
+]
+FEELINGS = ["happy", "sad", "tired", "curious", "excited", "calm", "proud", "scared"]
+COLORS = ["blue", "grey", "golden", "pink", "bright", "dark"]
+FOODS = ["mayonnaise", "bread", "pancakes", "soup", "rice", "apple pie", "pasta", "salad"]
+CITIES = ["Paris", "London", "Rome", "Tokyo", "Beijing", "New York", "Madrid", "Berlin"]
+
+STORY_OPENINGS = [
+    "Once upon a time, {name} lived near the {place} with a little {animal}.",
+    "One {day} morning, {name} went to the {place} with {friend}.",
+    "{name} had {thing} and a friend called {friend}.",
+    "It was a {feeling} day for {name}, who wanted to visit the {place}.",
+]
+STORY_MIDDLES = [
+    "The sky was {color} and the wind was soft.",
+    "{name} found {thing} under a tree.",
+    "A {animal} came to say hello, and {name} laughed.",
+    "{friend} was {feeling}, so {name} shared {thing}.",
+    "They walked to the {place2} and sat down to rest.",
+    "{name} counted {n} birds and {m} clouds.",
+    "The {animal} ran after {thing}, and everyone was {feeling}.",
+    '{friend} said, "Let us go to the {place2} tomorrow."',
+]
+STORY_ENDINGS = [
+    "In the end, {name} and {friend} went home {feeling} and tired.",
+    "That night, {name} dreamed about the {place}.",
+    "From that day on, the {animal} and {name} were best friends.",
+    "{name} smiled, because it had been a good day.",
+]
+OPINIONS = [
+    "I believe the meaning of life is to be kind, to learn something new every day, and to share what we have.",
+    "I believe the meaning of life is to love the people around us and to enjoy small things, like the {place}.",
+    "Simply put, the theory of relativity states that time and space depend on how fast you move.",
+    "Simply put, a good friend is someone who listens and helps when the day is hard.",
+    "Hi everyone, I just wanted to say thank you for the great work on the launch. I am proud of this team.",
+    "Hi everyone, I just finished reading a book about a {animal} who lived by the {place}.",
+]
+DAYS = ["sunny", "rainy", "quiet", "windy", "cold", "warm"]
+
+
+def is_held_out(a: int, op: str, b: int) -> bool:
+    """A fixed tenth of all problems.
+
+    Known flaw: modulo 10 this sum depends on the units digits only, so some one-digit steps
+    (e.g. 13 - 9 in a borrow) never occur in training and the model cannot learn them. A hash
+    of the whole problem would hold out problems without hiding their steps; it changes the
+    split, so it needs a new training run.
+    """
+    return (a * 31 + b * 17 + (7 if op == "-" else 0)) % 10 == 3
+
+
+def problem(rng: random.Random, held_out: bool) -> tuple[int, str, int]:
+    while True:
+        op = rng.choice("+-")
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if op == "-" and a < b:
+            a, b = b, a
+        if is_held_out(a, op, b) == held_out:
+            return a, op, b
+
+
+def answer(a: int, op: str, b: int) -> str:
+    """The answer works digit by digit, units first, as on paper: each step is a one-digit sum.
+
+    A tiny model learns those steps quickly; producing all digits of a sum at once, carry
+    included, takes it far longer than the training budget.
+    """
+    (a_tens, a_units), (b_tens, b_units) = divmod(a, 10), divmod(b, 10)
+    if op == "+":
+        units = a_units + b_units
+        carry = " + 1" if units >= 10 else ""
+        tens = a_tens + b_tens + (units >= 10)
+        steps = f"{a_units} + {b_units} = {units}, {a_tens} + {b_tens}{carry} = {tens}"
+        return f"{steps}, so {a} + {b} = {a + b}."
+    borrow = a_units < b_units
+    units = a_units + 10 * borrow - b_units
+    tens = a_tens - b_tens - borrow
+    steps = f"{10 * borrow + a_units} - {b_units} = {units}, {a_tens} - {b_tens}{' - 1' if borrow else ''} = {tens}"
+    return f"{steps}, so {a} - {b} = {a - b}."
+
+
+def fill(template: str, rng: random.Random) -> str:
+    city, city2 = rng.sample(CITIES, 2)
+    name, friend = rng.sample(NAMES, 2)
+    place, place2 = rng.sample(PLACES, 2)
+    return template.format(
+        name=name,
+        friend=friend,
+        place=place,
+        place2=place2,
+        animal=rng.choice(ANIMALS),
+        thing=rng.choice(THINGS),
+        feeling=rng.choice(FEELINGS),
+        color=rng.choice(COLORS),
+        food=rng.choice(FOODS),
+        city=city,
+        city2=city2,
+        day=rng.choice(DAYS),
+        n=rng.randint(2, 9),
+        m=rng.randint(2, 9),
+    )
+
+
+def story(rng: random.Random) -> str:
+    """A few sentences filled in together, so they share their characters and places."""
+    sentences = [rng.choice(STORY_OPENINGS)] + rng.sample(STORY_MIDDLES, rng.randint(2, 4))
+    sentences.append(rng.choice(STORY_ENDINGS))
+    return fill(" ".join(sentences), rng)
+
+
+def plain_text(rng: random.Random) -> str:
+    return fill(rng.choice(OPINIONS), rng) if rng.random() < 0.15 else story(rng)
+
+
+def arithmetic_turn(rng: random.Random, held_out: bool = False) -> tuple[str, str]:
+    a, op, b = problem(rng, held_out)
+    return rng.choice(QUESTIONS[op]).format(a=a, b=b), answer(a, op, b)
+
+
+def other_turn(rng: random.Random) -> tuple[str, str]:
+    kind = rng.random()
+    if kind < 0.3:
+        return rng.choice(GREETINGS), HELLO
+    if kind < 0.55:
+        return f"Tell me a story about {rng.choice(NAMES)}.", story(rng)
+    return fill(rng.choice(OTHER_REQUESTS), rng), CANNOT
+
+
+def dialog(rng: random.Random, held_out: bool = False) -> tuple[Dialog, str]:
+    """A dialog ending with a user question, and the assistant answer expected for it.
+
+    About half have a system prompt and three in five have earlier turns, which show the model
+    worked examples in context; earlier turns always come
+    from the training problems.
+    """
+    messages: Dialog = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
+    for _ in range(rng.choice([0, 0, 1, 2, 3])):
+        question, reply = arithmetic_turn(rng) if rng.random() < 0.8 else other_turn(rng)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    question, reply = arithmetic_turn(rng, held_out) if held_out or rng.random() < 0.85 else other_turn(rng)
+    messages.append({"role": "user", "content": question})
+    return messages, reply
+
+
+def held_out_dialogs(n: int, seed: int = 1234) -> list[tuple[Dialog, str]]:
+    """The evaluation set: questions on problems training never saw, in every dialog shape."""
+    rng = random.Random(seed)
+    return [dialog(rng, held_out=True) for _ in range(n)]

@@ -1,0 +1,206 @@
+"""Train the small demo model shipped in models/, from nothing, on this machine's CPU.
+
+    python -m tools.train_demo_model            # about 40 minutes on 2 cores
+
+Writes models/llama-2-demo/ (Meta's layout: consolidated.00.pth in bf16, params.json,
+tokenizer.model, checklist.chk) and models/llama-2-demo-mp2/, the same weights in two shards.
+The same seed gives the same tokenizer, data and initial weights.
+"""
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama.checkpoint import md5sum, save_checkpoint, split_state_dict
+from llama.generation import Llama, encode_dialog
+from llama.model import ModelArgs, Transformer, num_parameters
+from llama.runtime import choose_runtime, init_model_parallel
+from llama.tokenizer import Tokenizer, train_tokenizer
+from tools.demo_data import dialog, held_out_dialogs, plain_text
+from tools.evaluate_demo_model import answer_all
+
+# Grouped-query attention (6 query heads share 2 KV heads) and a non-default FFN width, as in 70B.
+PARAMS = {
+    "dim": 192,
+    "n_layers": 4,
+    "n_heads": 6,
+    "n_kv_heads": 2,
+    "multiple_of": 64,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "vocab_size": -1,
+}
+VOCAB_SIZE = 1000
+CHAT_FRACTION = 0.8
+# (steps, peak learning rate) of each phase, on fresh data each time. The first phase, from
+# scratch, gets the model to about 80% on held-out questions; the later ones, at lower rates,
+# polish the arithmetic.
+SCHEDULE = [(1200, 3e-3), (500, 1e-3), (300, 5e-4)]
+
+
+def tokenizer_corpus(rng: random.Random, n: int) -> list[str]:
+    """Text in the form the model will see it: chat transcripts in the Llama 2 format and stories."""
+    lines = []
+    for _ in range(n):
+        if rng.random() < CHAT_FRACTION:
+            messages, reply = dialog(rng)
+            lines.append(" ".join(m["content"] for m in messages) + f" [INST] [/INST] <<SYS>> <</SYS>> {reply}")
+        else:
+            lines.append(plain_text(rng))
+    return lines
+
+
+def training_example(tokenizer: Tokenizer, rng: random.Random) -> tuple[list[int], list[bool]]:
+    """Token ids and which of them are learned: the assistant's answer in a dialog, all of a story.
+
+    The prompt is encoded by the library's own chat-format code, so training and inference
+    see exactly the same ids; the answer follows with its leading space and ends with EOS.
+    """
+    if rng.random() < CHAT_FRACTION:
+        messages, reply = dialog(rng)
+        prompt = encode_dialog(tokenizer, messages)
+        target = tokenizer.encode(reply, bos=False, eos=True)
+        return prompt + target, [False] * len(prompt) + [True] * len(target)
+    tokens = tokenizer.encode(plain_text(rng), bos=True, eos=True)
+    return tokens, [False] + [True] * (len(tokens) - 1)
+
+
+def batches(tokenizer: Tokenizer, rng: random.Random, size: int, max_len: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (inputs, targets) batches, right-padded; -100 marks targets that carry no loss.
+
+    Examples are drawn in pools and grouped by length so that little compute goes to padding.
+    """
+    while True:
+        pool = sorted((training_example(tokenizer, rng) for _ in range(size * 16)), key=lambda e: len(e[0]))
+        groups = [pool[i : i + size] for i in range(0, len(pool), size)]
+        rng.shuffle(groups)
+        for examples in groups:
+            length = min(max(len(tokens) for tokens, _ in examples), max_len + 1)
+            inputs = torch.zeros((size, length - 1), dtype=torch.long)
+            targets = torch.full((size, length - 1), -100, dtype=torch.long)
+            for i, (tokens, learned) in enumerate(examples):
+                tokens, learned = tokens[:length], learned[:length]
+                inputs[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+                learned_targets = [t if keep else -100 for t, keep in zip(tokens[1:], learned[1:])]
+                targets[i, : len(tokens) - 1] = torch.tensor(learned_targets)
+            yield inputs, targets
+
+
+def initialise(model: Transformer, n_layers: int) -> None:
+    """GPT-2 style: small normal weights, output projections of residual branches scaled by depth."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(param)
+        else:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            torch.nn.init.normal_(param, std=std)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def held_out_accuracy(model: Transformer, tokenizer: Tokenizer, n: int = 96) -> float:
+    """Greedy answers to questions training never sees, to watch progress (the full check is the evaluation script)."""
+    generator = Llama(model, tokenizer)
+    cases = held_out_dialogs(n)
+    answers = answer_all(generator, [d for d, _ in cases])
+    return sum(a == expected for a, (_, expected) in zip(answers, cases)) / n
+
+
+def main(out_dir: str = "models/llama-2-demo", seed: int = 0) -> None:
+    """Every phase of SCHEDULE in turn, each continuing from the checkpoint the last one wrote."""
+    previous = None
+    with tempfile.TemporaryDirectory() as scratch:
+        for phase, (steps, peak_lr) in enumerate(SCHEDULE):
+            folder = Path(out_dir) if phase == len(SCHEDULE) - 1 else Path(scratch) / f"phase-{phase}"
+            train(str(folder), steps, peak_lr=peak_lr, seed=seed + phase, init_from=previous)
+            previous = str(folder)
+
+
+def train(
+    out_dir: str,
+    steps: int,
+    batch_size: int = 48,
+    max_len: int = 256,
+    peak_lr: float = 3e-3,
+    seed: int = 0,
+    init_from: str | None = None,
+) -> None:
+    """One phase: from scratch (training the tokenizer too), or from a checkpoint folder and its tokenizer."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if init_from is None:
+        tokenizer_path = train_tokenizer(tokenizer_corpus(rng, 20000), str(out / "tokenizer"), VOCAB_SIZE)
+        (out / "tokenizer.vocab").unlink()
+    else:
+        tokenizer_path = shutil.copy(Path(init_from) / "tokenizer.model", out / "tokenizer.model")
+    tokenizer = Tokenizer(str(tokenizer_path))
+
+    init_model_parallel(choose_runtime("cpu"), 1)
+    args = ModelArgs(**{**PARAMS, "vocab_size": tokenizer.n_words}, max_seq_len=max_len, max_batch_size=batch_size)
+    model = Transformer(args)
+    initialise(model, args.n_layers)
+    if init_from is not None:
+        weights = torch.load(Path(init_from) / "consolidated.00.pth", weights_only=True)
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    print(f"{num_parameters(args) / 1e6:.2f}M parameters, vocabulary {tokenizer.n_words}")
+
+    matrices = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": norms, "weight_decay": 0.0}],
+        lr=peak_lr,
+        betas=(0.9, 0.95),
+    )
+    start = time.time()
+    for step, (inputs, targets) in zip(range(steps), batches(tokenizer, rng, batch_size, max_len)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, peak_lr, warmup=steps // 30)
+        model.setup_caches(batch_size, max_len)  # a fresh cache: the old one holds the last step's graph
+        logits = model.logits(model.hidden_states(inputs, 0))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.0f} s", flush=True)
+        if (step + 1) % 200 == 0:
+            print(f"held-out exact match: {held_out_accuracy(model, tokenizer):.1%}", flush=True)
+
+    # Meta ships bf16 weights; the library casts them to the runtime's dtype when loading.
+    state_dict = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    params = {**PARAMS, "vocab_size": tokenizer.n_words}
+    save_checkpoint(out, [state_dict], params)
+    write_tokenizer_checksum(out)
+    sharded = out.with_name(out.name + "-mp2")
+    save_checkpoint(sharded, split_state_dict(state_dict, 2), params)
+    shutil.copy(out / "tokenizer.model", sharded / "tokenizer.model")
+    write_tokenizer_checksum(sharded)
+    print(f"trained in {time.time() - start:.0f} s; wrote {out} and {sharded}")
+
+
+def write_tokenizer_checksum(folder: Path) -> None:
+    with open(folder / "checklist.chk", "a") as checklist:
+        checklist.write(f"{md5sum(folder / 'tokenizer.model')}  tokenizer.model\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
