@@ -67,7 +67,9 @@ def test_answers_held_out_arithmetic(single_process_answers: list[str]) -> None:
 
 
 def test_two_processes_give_identical_answers(single_process_answers: list[str], tmp_path: Path) -> None:
-    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), "--module", "tools.evaluate_demo_model")
+    command = torchrun(
+        "--nproc_per_node", "2", "--master_port", str(free_port()), "--module", "tools.evaluate_demo_model"
+    )
     command += ["--ckpt_dir", str(DEMO_MP2), "--questions", str(HELD_OUT), "--device", "cpu"]
     done = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
