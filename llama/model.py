@@ -236,15 +236,17 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
-        offsets = torch.arange(seqlen, device=device)
         if isinstance(start_pos, int):
             positions = start_pos
             rotary = self.rotary[start_pos : start_pos + seqlen].unsqueeze(0)
             cache_len = start_pos + seqlen
             # From position 0 the plain causal triangle is right; the fused kernel builds it itself.
-            mask = None if start_pos == 0 or seqlen == 1 else self.attention_mask(start_pos + offsets, cache_len)
+            if start_pos == 0 or seqlen == 1:
+                mask = None
+            else:
+                mask = self.attention_mask(torch.arange(start_pos, cache_len, device=device), cache_len)
         else:
-            positions = torch.tensor(start_pos, device=device).unsqueeze(1) + offsets
+            positions = torch.tensor(start_pos, device=device).unsqueeze(1) + torch.arange(seqlen, device=device)
             rotary = self.rotary[positions]
             cache_len = max(start_pos) + seqlen
             mask = self.attention_mask(positions, cache_len)
