@@ -1,6 +1,5 @@
 """Shared fixtures: a tokenizer trained with Llama 2's settings and tiny random checkpoints."""
 
-import json
 import random
 from pathlib import Path
 
@@ -84,7 +83,3 @@ def generator(checkpoint: Path, tokenizer_path: str):
     from llama import Llama
 
     return Llama.build(str(checkpoint), tokenizer_path, max_seq_len=48, max_batch_size=4, device="cpu")
-
-
-def params_of(folder: Path) -> dict:
-    return json.loads((folder / "params.json").read_text())
