@@ -3,6 +3,7 @@
     python -m llama.bench --shape 110M                 # random weights shaped like a 110M Llama
     python -m llama.bench --ckpt_dir models/llama-2-demo
     python -m llama.bench --shape 110M --compare hf    # HF transformers on the same weights
+    python -m llama.bench --shape 110M --compile       # the decode step through torch.compile
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth / weight bytes;
 prefill is bound by arithmetic. Both ceilings are measured here, on this machine, and the
@@ -164,7 +165,7 @@ def measure(generator: Llama, device: torch.device, prompt_len: int, new_tokens:
     return result
 
 
-def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime) -> tuple[Llama, dict]:
+def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime, compile: bool) -> tuple[Llama, dict]:
     """Build the generator, recording load time and the peak memory added while loading."""
     init_model_parallel(runtime, 1)
     if tokenizer_path is not None:
@@ -177,8 +178,11 @@ def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime) -> tuple[
     synchronize(runtime.device)
     loaded = {"load_s": time.perf_counter() - start, "load_peak_rss_bytes": peak_rss_bytes() - baseline}
     loaded["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    loaded["load_peak_rss_over_weights"] = loaded["load_peak_rss_bytes"] / loaded["weight_bytes"]
-    return Llama(model, tokenizer), loaded
+    # The KV cache is allocated while loading too; what is beyond it is the weights' cost.
+    loaded["kv_cache_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
+    beyond_cache = loaded["load_peak_rss_bytes"] - loaded["kv_cache_bytes"]
+    loaded["load_peak_rss_over_weights"] = beyond_cache / loaded["weight_bytes"]
+    return Llama(model, tokenizer, compile), loaded
 
 
 def main(
@@ -192,6 +196,7 @@ def main(
     dtype: str | None = None,
     work_dir: str = "~/.cache/llama-bench",
     json_path: str | None = None,
+    compile: bool = False,
 ) -> None:
     if (shape is None) == (ckpt_dir is None):
         raise ValueError(f"give either --shape ({', '.join(SHAPES)}) or --ckpt_dir")
@@ -204,9 +209,10 @@ def main(
         folder = Path(ckpt_dir)
         if tokenizer_path is None:
             tokenizer_path = str(folder / "tokenizer.model")
-    generator, report = load(folder, tokenizer_path, runtime)
+    generator, report = load(folder, tokenizer_path, runtime, compile)
     args = generator.model.params
     report |= {"model": shape or str(ckpt_dir), "device": str(runtime.device), "dtype": str(runtime.dtype)}
+    report["compile"] = compile
     report |= measure(generator, runtime.device, prompt_len, new_tokens)
     bandwidth, flops = memory_bandwidth(runtime.device), matmul_flops(runtime.device, runtime.dtype)
     report["bandwidth_bytes_per_s"], report["matmul_flops_per_s"] = bandwidth, flops
@@ -270,9 +276,10 @@ def print_table(r: dict) -> None:
     rows = [
         ("model", r["model"], ""),
         ("device / dtype", f"{r['device']} / {r['dtype'].removeprefix('torch.')}", ""),
+        ("decode step", "compiled" if r["compile"] else "eager", ""),
         ("weights", f"{r['weight_bytes'] / 1e6:.0f} MB", ""),
         ("load", f"{r['load_s']:.2f} s", f"peak RSS +{r['load_peak_rss_bytes'] / 1e6:.0f} MB"),
-        ("", "", f"= {r['load_peak_rss_over_weights']:.2f}x weights"),
+        ("", "", f"= KV cache {r['kv_cache_bytes'] / 1e6:.0f} MB + {r['load_peak_rss_over_weights']:.2f}x weights"),
         ("time to first token", f"{r['time_to_first_token_s'] * 1e3:.1f} ms", ""),
         ("prefill", f"{r['prefill_tokens_per_s']:.0f} tok/s", f"{r['prefill_of_bound']:.0%} of bound"),
         ("decode, batch 1", f"{r['decode_tokens_per_s_batch_1']:.1f} tok/s", f"{r['decode_of_bound']:.0%} of bound"),

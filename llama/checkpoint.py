@@ -8,16 +8,18 @@ so a checkpoint cut into any number of shards runs on any number of processes. H
 folders are read by llama.convert behind the same `Checkpoint` interface.
 """
 
+import ctypes
 import hashlib
 import itertools
 import json
 import math
+import mmap
 import pickle
 import shutil
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +60,7 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "llama-2-de
 
 # Loading or resharding this many parameters takes long enough to deserve progress lines.
 PROGRESS_MIN_PARAMETERS = 10**9
+LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
 def module_of(key: str, names: Iterable[str]) -> str | None:
@@ -138,6 +141,10 @@ class Checkpoint(Protocol):
         """Rank's part of weight `key` when the model runs on `world` ranks."""
         ...
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Say that a tensor read() returned has been copied and will not be used again."""
+        ...
+
 
 def find_tokenizer(folder: str | Path, tokenizer_path: str | Path | None) -> Path:
     """The tokenizer given, else tokenizer.model in the folder or beside it (where download.sh puts it)."""
@@ -184,12 +191,15 @@ def read_params(ckpt_dir: str | Path) -> dict[str, Any]:
     return params
 
 
+def can_map(path: Path) -> bool:
+    """Files written by torch < 1.6 are not zip archives and cannot be memory-mapped."""
+    return zipfile.is_zipfile(path)
+
+
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """Memory-map one shard; it is untrusted, so only tensors may be unpickled."""
-    # Files written by torch < 1.6 are not zip archives and cannot be memory-mapped.
-    mmap = zipfile.is_zipfile(path)
     try:
-        state_dict = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", mmap=can_map(path), weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{str(path)!r} is not a readable PyTorch checkpoint: it holds objects other than tensors, "
@@ -215,6 +225,8 @@ class MetaCheckpoint:
         self.params = read_params(folder)
         self.args, self.unknown_params = ModelArgs.from_params(self.params)
         self.shards = [load_shard(path) for path in self.paths]
+        # The addresses of each memory-mapped shard: the only memory release() gives back.
+        self.mapped = [address_range(shard) for path, shard in zip(self.paths, self.shards) if can_map(path)]
         if self.args.vocab_size == -1:
             # params.json may leave the vocabulary to the tokenizer; the embedding knows it.
             self.args.vocab_size = self.tensor(0, "tok_embeddings.weight").shape[0]
@@ -272,7 +284,19 @@ class MetaCheckpoint:
                 position = end
             if position == stop:
                 break
-        return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        part = pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        if part is not pieces[0]:
+            for piece in pieces:
+                self.release(piece)
+        return part
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the tensor's pages from memory if it is a view of a mapped shard (see release_pages)."""
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        start = tensor.data_ptr()
+        end = start + extent * tensor.element_size()
+        if tensor.numel() > 0 and any(low <= start and end <= high for low, high in self.mapped):
+            release_pages(start, end)
 
 
 def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
@@ -411,15 +435,16 @@ def check_memory(args: ModelArgs, rank: int, world: int, runtime: Runtime, avail
 def load_weights(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype,
+    runtime: Runtime,
     progress: Progress | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
     """Move each checkpoint tensor into the model, cast once, after checking names and shapes.
 
     Parameters are replaced rather than copied into, so a memory-mapped CPU shard in the target
-    dtype becomes the model's storage without a second copy. Weights move one layer at a time:
-    a lazily read `state_dict` then never has more than a layer in flight.
+    dtype becomes the model's storage without a second copy. Weights move one layer
+    at a time: a lazily read `state_dict` then never has more than a layer in flight. Each
+    tensor that had to be copied is passed to `release`, so its pages need not stay in memory.
     """
     expected = model.state_dict()
     found = [key for key in state_dict if key not in IGNORED_KEYS]
@@ -440,10 +465,34 @@ def load_weights(
                     f"weight {key} has shape {tuple(tensor.shape)} but params.json implies "
                     f"{tuple(expected[key].shape)} for this model-parallel rank"
                 )
-            part[key] = tensor.to(device=device, dtype=dtype)
+            part[key] = tensor.to(device=runtime.device, dtype=runtime.dtype)
+            if release is not None and part[key] is not tensor:
+                release(tensor)
         model.load_state_dict(part, assign=True, strict=False)
         if layer is not None and progress is not None:
             progress.advance()
+
+
+def release_pages(start: int, end: int) -> None:
+    """Drop the whole pages between two addresses of a memory-mapped checkpoint from memory.
+
+    They would otherwise stay resident until the whole file is unmapped, so a load that copies
+    (Meta's bf16 weights cast to fp32 for a CPU, say) would hold them as well as the copy. The file is
+    mapped privately and never written to, so a dropped page is read again from it if touched.
+    Best effort, Linux only: elsewhere the pages go when the file is unmapped.
+    """
+    if LIBC is None:
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def address_range(shard: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """The lowest and highest address of a loaded shard's tensors."""
+    storages = [t.untyped_storage() for t in shard.values() if isinstance(t, torch.Tensor) and t.numel() > 0]
+    return min(s.data_ptr() for s in storages), max(s.data_ptr() + s.nbytes() for s in storages)
 
 
 def check_vocabulary(tokenizer: Tokenizer, args: ModelArgs) -> None:
@@ -478,7 +527,7 @@ def load_model(
     # A one-token cache for now: the real one is allocated on the device, next to the weights.
     model = Transformer(replace(args, max_seq_len=1, max_batch_size=1))
     progress = Progress("loading weights", args.n_layers, "layers", count_parameters(rank_shapes(args, rank, world)))
-    load_weights(model, RankWeights(checkpoint, rank, world), runtime.device, runtime.dtype, progress)
+    load_weights(model, RankWeights(checkpoint, rank, world), runtime, progress, release=checkpoint.release)
     model.requires_grad_(False)
     model.setup_caches(max_batch_size, max_seq_len)
     return model

@@ -270,6 +270,9 @@ class HuggingFaceCheckpoint:
                     f"{self.files[name].name}: weight {name} has shape {found_shape} but config.json implies {shape}"
                 )
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Nothing to do: safetensors hands out tensors of their own, freed when dropped."""
+
     def read(self, key: str, rank: int, world: int) -> torch.Tensor:
         name = hf_name(key)
         weights = self.handles[self.files[name]].get_slice(name)

@@ -51,6 +51,7 @@ class Llama:
         seed: int = 1,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint folder (Meta's shards or Hugging Face's safetensors) and its tokenizer.
 
@@ -58,6 +59,7 @@ class Llama:
         tokenizer.model in ckpt_dir or its parent (where download.sh puts it).
         device and dtype default to CUDA in bf16/fp16 when a GPU is present, else CPU in fp32.
         Every rank must use the same seed so that sampling picks the same tokens everywhere.
+        compile runs the decode step through torch.compile (see Llama.__init__).
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -71,11 +73,16 @@ class Llama:
         model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len, max_batch_size)
         if is_main_process():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        # The decode step repeats for every token: compiled, its many small operations are fused,
+        # which pays back the compile time (tens of seconds, once per process) on long generations.
+        # Positions and batch size are symbolic, so one compilation serves every step and batch.
+        # Prefill runs eagerly: its large matrix products dominate it.
+        self.decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
         # The tokens whose keys and values sit in cache row 0 from position 0, as far as this object
         # knows; a prefill with reuse_cache skips the prefix a new prompt shares with them. Every
         # prefill rewrites it. Running self.model directly, or another Llama on the same model,
@@ -228,7 +235,7 @@ class Llama:
                 return
             positions = [min(n + step, max_seq_len - 1) for n in prompt_lens]
             start_pos = positions[0] if len(set(positions)) == 1 else positions
-            next_logits = model.logits(model.hidden_states(next_token.unsqueeze(1), start_pos)[:, -1])
+            next_logits = self.decode_step(model, next_token, start_pos)
 
     def generate_stream(
         self,
@@ -541,6 +548,11 @@ def check_dialog(dialog: Dialog, index: int = 0) -> None:
 
 def has_special_tags(dialog: Dialog) -> bool:
     return any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS)
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | list[int]) -> torch.Tensor:
+    """Logits (batch, vocab) after feeding one token (batch,) per sequence at start_pos."""
+    return model.logits(model.hidden_states(tokens.unsqueeze(1), start_pos)[:, -1])
 
 
 def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:

@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama.checkpoint import random_state_dict, save_checkpoint, split_state_dict
 from llama.model import ModelArgs
@@ -58,9 +59,11 @@ def model_args(params: dict, vocab_size: int) -> ModelArgs:
     return ModelArgs.from_params({**params, "vocab_size": vocab_size})[0]
 
 
-def write_checkpoint(folder: Path, params: dict, vocab_size: int, n_shards: int = 1, seed: int = 0) -> Path:
+def write_checkpoint(
+    folder: Path, params: dict, vocab_size: int, n_shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
     """A random checkpoint in Meta's layout; the same seed gives the same weights for any shard count."""
-    state_dict = random_state_dict(model_args(params, vocab_size), seed)
+    state_dict = random_state_dict(model_args(params, vocab_size), seed, dtype)
     shards = [state_dict] if n_shards == 1 else split_state_dict(state_dict, n_shards)
     save_checkpoint(folder, shards, params)
     return folder

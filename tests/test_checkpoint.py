@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ import llama.checkpoint
 from llama import Llama
 from llama.checkpoint import (
     MetaCheckpoint,
+    RankWeights,
     check_memory,
     check_model_parallel_size,
     estimate_memory,
+    load_weights,
     md5sum,
     merge_state_dicts,
     parallel_dim,
@@ -21,8 +24,9 @@ from llama.checkpoint import (
     split_state_dict,
     weight_shapes,
 )
-from llama.model import ModelArgs
-from llama.runtime import Runtime
+from llama.model import ModelArgs, Transformer
+from llama.runtime import Runtime, choose_runtime
+from llama.tokenizer import Tokenizer
 from tests.conftest import GROUPED_QUERY, MULTI_HEAD, model_args, write_checkpoint
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 20, 30, 41]])
@@ -247,6 +251,41 @@ def test_bf16_on_cpu_keeps_close_to_fp32(checkpoint: Path, tokenizer_path: str) 
     assert bf16.model.layers[0].attention.cache.k.dtype == torch.bfloat16
     tokens = torch.tensor([[1, 5, 9, 13, 20]])
     torch.testing.assert_close(bf16.model(tokens, 0), fp32.model(tokens, 0), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pages_released_while_loading_read_back_the_same(shards: int, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path, GROUPED_QUERY, tokenizer.n_words, shards, dtype=torch.bfloat16)
+    checkpoint = MetaCheckpoint(folder)
+    model = Transformer(replace(checkpoint.args, max_seq_len=1, max_batch_size=1))
+    load_weights(model, RankWeights(checkpoint, 0, 1), choose_runtime("cpu"), release=checkpoint.release)
+    expected = random_state_dict(model_args(GROUPED_QUERY, tokenizer.n_words), dtype=torch.bfloat16)
+    loaded = model.state_dict()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor.float())
+        assert torch.equal(checkpoint.read(key, 0, 1), tensor)  # the same mapping, after its pages were dropped
+
+
+def resident_file_bytes() -> int:
+    """File pages mapped into this process and in memory (Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssFile:"))
+
+
+def test_loading_gives_back_the_mapped_pages_it_copied(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path, {**GROUPED_QUERY, "dim": 512}, tokenizer.n_words, dtype=torch.bfloat16)
+    size = (folder / "consolidated.00.pth").stat().st_size
+    growth = {}
+    for release in (False, True):
+        checkpoint = MetaCheckpoint(folder)  # mapped until it is dropped
+        model = Transformer(replace(checkpoint.args, max_seq_len=1, max_batch_size=1))
+        weights, releaser = RankWeights(checkpoint, 0, 1), checkpoint.release if release else None
+        before = resident_file_bytes()
+        load_weights(model, weights, choose_runtime("cpu"), release=releaser)
+        growth[release] = resident_file_bytes() - before
+        del checkpoint, model
+    assert growth[False] > size / 2  # the bf16 file, all read to make the fp32 copy
+    assert growth[True] < size / 10
 
 
 def test_memory_estimate_for_llama2_70b_on_four_gpus() -> None:

@@ -34,6 +34,17 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(generator: Llama) -
         assert len(tokens) > 0
 
 
+def test_compiled_decode_step_gives_the_same_tokens(generator: Llama) -> None:
+    prompts = prompt_ids(generator.tokenizer)
+    eager, eager_logprobs = generator.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    compiled = Llama(generator.model, generator.tokenizer, compile=True)
+    for batch in (prompts, prompts[:1]):  # sequences at different positions, then one
+        tokens, logprobs = compiled.generate(batch, max_gen_len=12, temperature=0, logprobs=True)
+        assert tokens == eager[: len(batch)]
+        for ours, theirs in zip(logprobs, eager_logprobs):
+            assert ours == pytest.approx(theirs, abs=1e-4)
+
+
 def test_logprobs_and_echo_agree_with_full_forward(generator: Llama) -> None:
     prompts = prompt_ids(generator.tokenizer)
     tokens, logprobs = generator.generate(prompts, max_gen_len=8, temperature=0, logprobs=True, echo=True)

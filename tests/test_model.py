@@ -5,6 +5,7 @@ import torch
 
 from llama.checkpoint import load_weights, random_state_dict
 from llama.model import ModelArgs, RMSNorm, Transformer, apply_rotary_emb, ffn_hidden_dim, num_parameters
+from llama.runtime import choose_runtime
 from tests.conftest import GROUPED_QUERY, MULTI_HEAD, model_args
 
 VOCAB = 97
@@ -13,7 +14,7 @@ VOCAB = 97
 def build(args: ModelArgs, seed: int = 0) -> tuple[Transformer, dict[str, torch.Tensor]]:
     state_dict = random_state_dict(args, seed)
     model = Transformer(args)
-    load_weights(model, state_dict, torch.device("cpu"), torch.float32)
+    load_weights(model, state_dict, choose_runtime("cpu"))
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     return model, state_dict
 

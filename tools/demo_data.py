@@ -111,17 +111,38 @@ OPINIONS = [
     "Hi everyone, I just finished reading a book about a {animal} who lived by the {place}.",
 ]
 DAYS = ["sunny", "rainy", "quiet", "windy", "cold", "warm"]
+# Texts laid out like the example script's other two prompts: a letter and a list of translations.
+LETTER = (
+    "A brief message congratulating the team on the launch:\n\n        Hi everyone,\n\n        {body}\n\n        {name}"
+)
+LETTER_BODIES = [
+    "I just wanted to say thank you for the great work on the launch. I am proud of this team.",
+    "I just heard the news: the launch went well, and it is thanks to all of you. Well done!",
+    "I just want to congratulate you all on the launch. It was a lot of work, and it shows.",
+]
+FRENCH = {
+    "sea otter": "loutre de mer",
+    "peppermint": "menthe poivrée",
+    "plush girafe": "girafe peluche",
+    "cheese": "fromage",
+    "bread": "pain",
+    "apple": "pomme",
+    "cat": "chat",
+    "dog": "chien",
+    "house": "maison",
+    "water": "eau",
+    "book": "livre",
+    "tree": "arbre",
+}
 
 
 def is_held_out(a: int, op: str, b: int) -> bool:
-    """A fixed tenth of all problems.
+    """A fixed tenth of all problems, chosen by a hash of the whole problem.
 
-    Known flaw: modulo 10 this sum depends on the units digits only, so some one-digit steps
-    (e.g. 13 - 9 in a borrow) never occur in training and the model cannot learn them. A hash
-    of the whole problem would hold out problems without hiding their steps; it changes the
-    split, so it needs a new training run.
+    Hashing all of it matters: a rule on the units digits alone would hold out every problem
+    with some one-digit steps (such as 13 - 9 in a borrow), and the model would never learn them.
     """
-    return (a * 31 + b * 17 + (7 if op == "-" else 0)) % 10 == 3
+    return random.Random(f"{a} {op} {b}").random() < 0.1
 
 
 def problem(rng: random.Random, held_out: bool) -> tuple[int, str, int]:
@@ -184,7 +205,13 @@ def story(rng: random.Random) -> str:
 
 
 def plain_text(rng: random.Random) -> str:
-    return fill(rng.choice(OPINIONS), rng) if rng.random() < 0.15 else story(rng)
+    kind = rng.random()
+    if kind < 0.04:
+        return LETTER.format(body=rng.choice(LETTER_BODIES), name=rng.choice(NAMES))
+    if kind < 0.08:
+        words = rng.sample(sorted(FRENCH), rng.randint(3, 5))
+        return "Translate English to French:\n\n" + "\n".join(f"        {w} => {FRENCH[w]}" for w in words)
+    return fill(rng.choice(OPINIONS), rng) if kind < 0.2 else story(rng)
 
 
 def arithmetic_turn(rng: random.Random, held_out: bool = False) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Train the small demo model shipped in models/, from nothing, on this machine's CPU.
 
-    python -m tools.train_demo_model            # about 40 minutes on 2 cores
+    python -m tools.train_demo_model            # about 25 minutes on 2 cores
 
 Writes models/llama-2-demo/ (Meta's layout: consolidated.00.pth in bf16, params.json,
 tokenizer.model, checklist.chk) and models/llama-2-demo-mp2/, the same weights in two shards.
@@ -10,7 +10,6 @@ The same seed gives the same tokenizer, data and initial weights.
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llama.checkpoint import md5sum, save_checkpoint, split_state_dict
-from llama.generation import Llama, encode_dialog
+from llama.generation import Dialog, Llama, encode_dialog
 from llama.model import ModelArgs, Transformer, num_parameters
 from llama.runtime import choose_runtime, init_model_parallel
 from llama.tokenizer import Tokenizer, train_tokenizer
@@ -42,10 +41,9 @@ PARAMS = {
 }
 VOCAB_SIZE = 1000
 CHAT_FRACTION = 0.8
-# (steps, peak learning rate) of each phase, on fresh data each time. The first phase, from
-# scratch, gets the model to about 80% on held-out questions; the later ones, at lower rates,
-# polish the arithmetic.
-SCHEDULE = [(1200, 3e-3), (500, 1e-3), (300, 5e-4)]
+PROMPT_CUT_FRACTION = 0.3
+STEPS = 1200
+PEAK_LR = 3e-3
 
 
 def tokenizer_corpus(rng: random.Random, n: int) -> list[str]:
@@ -61,18 +59,44 @@ def tokenizer_corpus(rng: random.Random, n: int) -> list[str]:
 
 
 def training_example(tokenizer: Tokenizer, rng: random.Random) -> tuple[list[int], list[bool]]:
-    """Token ids and which of them are learned: the assistant's answer in a dialog, all of a story.
+    """Token ids and which of them are learned: every assistant answer in a dialog, all of a story.
 
     The prompt is encoded by the library's own chat-format code, so training and inference
-    see exactly the same ids; the answer follows with its leading space and ends with EOS.
+    see exactly the same ids. Earlier answers in a dialog are correct worked examples too, so
+    they are learned as well; the last answer follows with its leading space and ends with EOS.
     """
     if rng.random() < CHAT_FRACTION:
         messages, reply = dialog(rng)
         prompt = encode_dialog(tokenizer, messages)
         target = tokenizer.encode(reply, bos=False, eos=True)
-        return prompt + target, [False] * len(prompt) + [True] * len(target)
-    tokens = tokenizer.encode(plain_text(rng), bos=True, eos=True)
+        return prompt + target, earlier_answers(tokenizer, messages, prompt) + [True] * len(target)
+    text = plain_text(rng)
+    if rng.random() < PROMPT_CUT_FRACTION and " " in text:
+        # Cut after a space, as a prompt ending in one is encoded (Meta's example prompts do):
+        # a lone "▁" token, then the rest as its own text. Else the model only ever sees that
+        # token before a digit, and continues such prompts with arithmetic.
+        cut = rng.choice([i for i, char in enumerate(text) if char == " "]) + 1
+        tokens = tokenizer.encode(text[:cut], bos=True, eos=False) + tokenizer.encode(text[cut:], bos=False, eos=True)
+    else:
+        tokens = tokenizer.encode(text, bos=True, eos=True)
     return tokens, [False] + [True] * (len(tokens) - 1)
+
+
+def earlier_answers(tokenizer: Tokenizer, messages: Dialog, prompt: list[int]) -> list[bool]:
+    """Marks the tokens of each finished assistant answer within a dialog's prompt.
+
+    Each finished exchange is encoded as in encode_dialog, with the answer marked where its
+    tokens are the same as the answer's own encoding (they are unless a merge crosses the
+    space before it, in which case that answer is simply not learned).
+    """
+    learned = [False] * len(prompt)
+    first_user = 1 if messages[0]["role"] == "system" else 0
+    for user in range(first_user, len(messages) - 1, 2):
+        start = len(encode_dialog(tokenizer, messages[: user + 1]))
+        answer = tokenizer.encode(messages[user + 1]["content"], bos=False, eos=False)
+        if prompt[start : start + len(answer)] == answer:
+            learned[start : start + len(answer)] = [True] * len(answer)
+    return learned
 
 
 def batches(tokenizer: Tokenizer, rng: random.Random, size: int, max_len: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -121,45 +145,28 @@ def held_out_accuracy(model: Transformer, tokenizer: Tokenizer, n: int = 96) -> 
     return sum(a == expected for a, (_, expected) in zip(answers, cases)) / n
 
 
-def main(out_dir: str = "models/llama-2-demo", seed: int = 0) -> None:
-    """Every phase of SCHEDULE in turn, each continuing from the checkpoint the last one wrote."""
-    previous = None
-    with tempfile.TemporaryDirectory() as scratch:
-        for phase, (steps, peak_lr) in enumerate(SCHEDULE):
-            folder = Path(out_dir) if phase == len(SCHEDULE) - 1 else Path(scratch) / f"phase-{phase}"
-            train(str(folder), steps, peak_lr=peak_lr, seed=seed + phase, init_from=previous)
-            previous = str(folder)
-
-
-def train(
-    out_dir: str,
-    steps: int,
+def main(
+    out_dir: str = "models/llama-2-demo",
+    steps: int = STEPS,
     batch_size: int = 48,
     max_len: int = 256,
-    peak_lr: float = 3e-3,
+    peak_lr: float = PEAK_LR,
     seed: int = 0,
-    init_from: str | None = None,
 ) -> None:
-    """One phase: from scratch (training the tokenizer too), or from a checkpoint folder and its tokenizer."""
+    """Train the tokenizer, then the model from scratch; write both in Meta's layout."""
     torch.manual_seed(seed)
     torch.set_num_threads(2)
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if init_from is None:
-        tokenizer_path = train_tokenizer(tokenizer_corpus(rng, 20000), str(out / "tokenizer"), VOCAB_SIZE)
-        (out / "tokenizer.vocab").unlink()
-    else:
-        tokenizer_path = shutil.copy(Path(init_from) / "tokenizer.model", out / "tokenizer.model")
+    tokenizer_path = train_tokenizer(tokenizer_corpus(rng, 20000), str(out / "tokenizer"), VOCAB_SIZE)
+    (out / "tokenizer.vocab").unlink()
     tokenizer = Tokenizer(str(tokenizer_path))
 
     init_model_parallel(choose_runtime("cpu"), 1)
     args = ModelArgs(**{**PARAMS, "vocab_size": tokenizer.n_words}, max_seq_len=max_len, max_batch_size=batch_size)
     model = Transformer(args)
     initialise(model, args.n_layers)
-    if init_from is not None:
-        weights = torch.load(Path(init_from) / "consolidated.00.pth", weights_only=True)
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
     print(f"{num_parameters(args) / 1e6:.2f}M parameters, vocabulary {tokenizer.n_words}")
 
     matrices = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
