@@ -225,13 +225,13 @@ class MetaCheckpoint:
         self.params = read_params(folder)
         self.args, self.unknown_params = ModelArgs.from_params(self.params)
         self.shards = [load_shard(path) for path in self.paths]
-        # The addresses of each memory-mapped shard: the only memory release() gives back.
-        self.mapped = [address_range(shard) for path, shard in zip(self.paths, self.shards) if can_map(path)]
         if self.args.vocab_size == -1:
             # params.json may leave the vocabulary to the tokenizer; the embedding knows it.
             self.args.vocab_size = self.tensor(0, "tok_embeddings.weight").shape[0]
         self.shapes = weight_shapes(self.args)
         self.check_weights()
+        # The addresses of each memory-mapped shard: the only memory release() gives back.
+        self.mapped = [address_range(shard) for path, shard in zip(self.paths, self.shards) if can_map(path)]
 
     def tensor(self, index: int, key: str) -> torch.Tensor:
         value = self.shards[index].get(key)
@@ -477,9 +477,9 @@ def release_pages(start: int, end: int) -> None:
     """Drop the whole pages between two addresses of a memory-mapped checkpoint from memory.
 
     They would otherwise stay resident until the whole file is unmapped, so a load that copies
-    (Meta's bf16 weights cast to fp32 for a CPU, say) would hold them as well as the copy. The file is
-    mapped privately and never written to, so a dropped page is read again from it if touched.
-    Best effort, Linux only: elsewhere the pages go when the file is unmapped.
+    (Meta's bf16 weights cast to fp32 for a CPU, say) would hold both. The file is mapped
+    privately and never written to, so a dropped page is read again from it if touched. Best
+    effort, Linux only: elsewhere the pages go when the file is unmapped.
     """
     if LIBC is None:
         return
