@@ -442,9 +442,9 @@ def load_weights(
     """Move each checkpoint tensor into the model, cast once, after checking names and shapes.
 
     Parameters are replaced rather than copied into, so a memory-mapped CPU shard in the target
-    dtype becomes the model's storage without a second copy. Weights move one layer
-    at a time: a lazily read `state_dict` then never has more than a layer in flight. Each
-    tensor that had to be copied is passed to `release`, so its pages need not stay in memory.
+    dtype becomes the model's storage without a second copy. Weights move one layer at a time:
+    a lazily read `state_dict` then never has more than a layer in flight. Each tensor that had
+    to be copied is passed to `release`, so its pages need not stay in memory.
     """
     expected = model.state_dict()
     found = [key for key in state_dict if key not in IGNORED_KEYS]
