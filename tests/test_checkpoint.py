@@ -10,6 +10,7 @@ import torch
 
 import llama.checkpoint
 from llama import Llama
+from llama.bench import SHAPES
 from llama.checkpoint import (
     MetaCheckpoint,
     RankWeights,
@@ -30,14 +31,7 @@ from llama.tokenizer import Tokenizer
 from tests.conftest import GROUPED_QUERY, MULTI_HEAD, model_args, write_checkpoint
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 20, 30, 41]])
-LLAMA2_70B = {
-    "dim": 8192,
-    "n_layers": 80,
-    "n_heads": 64,
-    "n_kv_heads": 8,
-    "multiple_of": 4096,
-    "ffn_dim_multiplier": 1.3,
-}
+LLAMA2_70B = SHAPES["70B"]
 
 
 def build(ckpt_dir: Path, tokenizer_path: str, **kwargs) -> Llama:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from llama.bench import SHAPES
 from llama.checkpoint import load_weights, random_state_dict
 from llama.model import ModelArgs, RMSNorm, Transformer, apply_rotary_emb, ffn_hidden_dim, num_parameters
 from llama.runtime import choose_runtime
@@ -136,27 +137,10 @@ def test_rms_norm_scales_to_unit_root_mean_square() -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "hidden", "billions"),
-    [
-        ({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}, 11008, 6.74),
-        ({"dim": 5120, "n_layers": 40, "n_heads": 40, "multiple_of": 256}, 13824, 13.02),
-        (
-            {
-                "dim": 8192,
-                "n_layers": 80,
-                "n_heads": 64,
-                "n_kv_heads": 8,
-                "multiple_of": 4096,
-                "ffn_dim_multiplier": 1.3,
-            },
-            28672,
-            68.98,
-        ),
-    ],
-    ids=["7B", "13B", "70B"],
+    ("shape", "hidden", "billions"), [("7B", 11008, 6.74), ("13B", 13824, 13.02), ("70B", 28672, 68.98)]
 )
-def test_llama2_shapes(params: dict, hidden: int, billions: float) -> None:
-    args = ModelArgs(**params, vocab_size=32000)
+def test_llama2_shapes(shape: str, hidden: int, billions: float) -> None:
+    args = ModelArgs(**SHAPES[shape], vocab_size=32000)
     assert ffn_hidden_dim(args) == hidden
     assert num_parameters(args) / 1e9 == pytest.approx(billions, abs=0.01)
 
