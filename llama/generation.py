@@ -78,10 +78,12 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
-        # The decode step repeats for every token: compiled, its many small operations are fused,
-        # which pays back the compile time (tens of seconds, once per process) on long generations.
-        # Positions and batch size are symbolic, so one compilation serves every step and batch.
-        # Prefill runs eagerly: its large matrix products dominate it.
+        # The decode step repeats for every token: compiled, each layer becomes a few fused loops,
+        # and on a CPU its matrix-vector products stream the weights on every core (model.linear);
+        # decode runs about twice as fast, which pays back the compile time (tens of seconds) on
+        # long generations. Positions are symbolic, so one compilation serves every step; on a
+        # CPU each batch size up to model.FEW_ROWS gets its own. Prefill runs eagerly: its large
+        # matrix products are already near the machine's arithmetic limit.
         self.decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
         # The tokens whose keys and values sit in cache row 0 from position 0, as far as this object
         # knows; a prefill with reuse_cache skips the prefix a new prompt shares with them. Every

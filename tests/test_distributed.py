@@ -110,6 +110,19 @@ def test_hugging_face_folder_splits_over_two_processes(
     assert_both_ranks_match(two_processes[hugging_face.name], single_process)
 
 
+def test_compiled_decode_step_on_two_processes_matches_one_eager_process(
+    checkpoint_2_shards: Path, tokenizer_path: str, single_process: dict, tmp_path: Path
+) -> None:
+    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, "--compile")
+    command += [str(tmp_path), tokenizer_path, str(checkpoint_2_shards)]
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{checkpoint_2_shards.name}-rank{rank}.pt", weights_only=True)
+        assert result["greedy"] == single_process["greedy"]
+        assert result["greedy_first_alone"] == single_process["greedy"][:1]
+
+
 def test_two_nodes_over_loopback(
     checkpoint_2_shards: Path, tokenizer_path: str, single_process: dict, tmp_path: Path
 ) -> None:
