@@ -82,8 +82,10 @@ class Llama:
         # and on a CPU its matrix-vector products stream the weights on every core (model.linear);
         # decode runs about twice as fast, which pays back the compile time (tens of seconds) on
         # long generations. Positions are symbolic, so one compilation serves every step; on a
-        # CPU each batch size up to model.FEW_ROWS gets its own. Prefill runs eagerly: its large
-        # matrix products are already near the machine's arithmetic limit.
+        # CPU each batch size up to model.FEW_ROWS gets its own, as does a batch whose sequences
+        # sit at different positions. After 8 such variants torch stops compiling (its
+        # recompile_limit) and new ones run eagerly, with the same results. Prefill runs eagerly:
+        # its large matrix products are already near the machine's arithmetic limit.
         self.decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
         # The tokens whose keys and values sit in cache row 0 from position 0, as far as this object
         # knows; a prefill with reuse_cache skips the prefix a new prompt shares with them. Every
