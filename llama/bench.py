@@ -147,7 +147,7 @@ def generation_time(generator: Llama, prompts: list[list[int]], new_tokens: int,
 def measure(generator: Llama, runtime: Runtime, prompt_len: int, new_tokens: int) -> dict[str, float]:
     """Time to first token, prefill and decode rates, and the mixed-length batch against Meta's loop.
 
-    The machine's limits drift on a shared machine (here 18-26 GB/s, 97-128 GFLOP/s), so each is
+    The machine's limits drift on a shared machine (here 18-26 GB/s, 85-128 GFLOP/s), so each is
     measured just before the rate it bounds.
     """
     device = runtime.device
