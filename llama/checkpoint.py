@@ -196,10 +196,10 @@ def can_map(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-map one shard; it is untrusted, so only tensors may be unpickled."""
+def load_shard(path: Path, mapped: bool) -> dict[str, torch.Tensor]:
+    """Memory-map one shard (read it whole if not mapped); it is untrusted, so only tensors may be unpickled."""
     try:
-        state_dict = torch.load(path, map_location="cpu", mmap=can_map(path), weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", mmap=mapped, weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{str(path)!r} is not a readable PyTorch checkpoint: it holds objects other than tensors, "
@@ -224,14 +224,15 @@ class MetaCheckpoint:
         self.paths = find_shards(folder)
         self.params = read_params(folder)
         self.args, self.unknown_params = ModelArgs.from_params(self.params)
-        self.shards = [load_shard(path) for path in self.paths]
+        mappable = [can_map(path) for path in self.paths]
+        self.shards = [load_shard(path, mapped) for path, mapped in zip(self.paths, mappable)]
         if self.args.vocab_size == -1:
             # params.json may leave the vocabulary to the tokenizer; the embedding knows it.
             self.args.vocab_size = self.tensor(0, "tok_embeddings.weight").shape[0]
         self.shapes = weight_shapes(self.args)
         self.check_weights()
         # The addresses of each memory-mapped shard: the only memory release() gives back.
-        self.mapped = [address_range(shard) for path, shard in zip(self.paths, self.shards) if can_map(path)]
+        self.mapped = [address_range(shard) for shard, mapped in zip(self.shards, mappable) if mapped]
 
     def tensor(self, index: int, key: str) -> torch.Tensor:
         value = self.shards[index].get(key)
