@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from llama import Llama
-from llama.checkpoint import DEMO_MODEL_DIR
-from llama.generation import ChatSession
-from llama.runtime import is_main_process, run_script
+from llama.cli import DEMO_MODEL_DIR, run_script
+from llama.runtime import is_main_process
+from llama.session import ChatSession
 
 HELP = "Type a message and press Enter. /reset starts a new dialog, /exit or Ctrl-D quits, Ctrl-C stops an answer."
 # The other ranks wait for rank 0 while a person types. They wait on a group of their own, whose

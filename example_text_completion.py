@@ -1,8 +1,8 @@
 """Complete a few prompts; run with `torchrun --nproc_per_node MP example_text_completion.py --ckpt_dir ...`."""
 
 from llama import Llama
-from llama.checkpoint import DEMO_MODEL_DIR
-from llama.runtime import is_main_process, run_script
+from llama.cli import DEMO_MODEL_DIR, run_script
+from llama.runtime import is_main_process
 
 
 def main(

@@ -20,29 +20,28 @@ from types import SimpleNamespace
 
 import torch
 
-from llama.checkpoint import load_model, module_of, random_state_dict, save_checkpoint
+from llama.checkpoint import save_checkpoint
+from llama.cli import run_script
 from llama.generation import Llama
-from llama.model import ModelArgs, Transformer, num_parameters
-from llama.runtime import Runtime, choose_runtime, init_model_parallel, is_main_process, run_script
+from llama.loading import load_model
+from llama.model import SHAPES, ModelArgs, Transformer, num_parameters, weight_layout
+from llama.runtime import Runtime, choose_runtime, init_model_parallel, is_main_process
 from llama.tokenizer import Tokenizer
 
-# Published Llama shapes: llama2.c's 15M and 110M, TinyLlama's 1.1B (GQA), and Llama 2.
-SHAPES = {
-    "15M": {"dim": 288, "n_layers": 6, "n_heads": 6, "multiple_of": 32},
-    "110M": {"dim": 768, "n_layers": 12, "n_heads": 12, "multiple_of": 32},
-    "1.1B": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256},
-    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
-    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "multiple_of": 256},
-    "70B": {
-        "dim": 8192,
-        "n_layers": 80,
-        "n_heads": 64,
-        "n_kv_heads": 8,
-        "multiple_of": 4096,
-        "ffn_dim_multiplier": 1.3,
-    },
-}
 VOCAB_SIZE = 32000
+
+
+def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights of a given shape; scaled so activations stay O(1)."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for key, split in weight_layout(args).items():
+        if len(split.shape) == 1:
+            weight = 1.0 + 0.1 * torch.randn(split.shape, generator=generator)
+        else:
+            weight = torch.randn(split.shape, generator=generator) / split.shape[1] ** 0.5
+        state_dict[key] = weight.to(dtype)
+    return state_dict
 
 
 def write_random_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> None:
@@ -147,8 +146,7 @@ def generation_time(generator: Llama, prompts: list[list[int]], new_tokens: int,
 def measure(generator: Llama, runtime: Runtime, prompt_len: int, new_tokens: int) -> dict[str, float]:
     """Time to first token, prefill and decode rates, and the mixed-length batch against Meta's loop.
 
-    The machine's limits drift on a shared machine (here 18-26 GB/s, 85-128 GFLOP/s), so each is
-    measured just before the rate it bounds.
+    A shared machine's limits drift within minutes, so each is measured just before the rate it bounds.
     """
     device = runtime.device
     vocab_size = generator.model.params.vocab_size
@@ -246,16 +244,15 @@ def hugging_face_model(generator: Llama, runtime: Runtime):
     """transformers' LlamaForCausalLM holding the same weights, converted by llama.convert's rules."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama.convert import ROTARY_WEIGHTS, config_from_args, hf_name, interleaved_to_halves
+    from llama.hf import ROTARY_WEIGHTS, config_from_args, hf_name, interleaved_to_halves
 
     model, args = generator.model, generator.model.params
     config = LlamaConfig(**config_from_args(args, runtime.dtype, generator.tokenizer))
     hf_model = LlamaForCausalLM(config).to(device=runtime.device, dtype=runtime.dtype).eval()
-    head_dim = args.dim // args.n_heads
     weights = {}
     for key, tensor in model.state_dict().items():
-        if module_of(key, ROTARY_WEIGHTS) is not None:
-            tensor = interleaved_to_halves(tensor, head_dim)
+        if key.endswith(ROTARY_WEIGHTS):
+            tensor = interleaved_to_halves(tensor, args.head_dim)
         weights[hf_name(key)] = tensor
     hf_model.load_state_dict(weights, strict=True)
     return hf_model

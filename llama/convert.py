@@ -1,289 +1,35 @@
-"""Hugging Face's Llama format (config.json + safetensors) to Meta's, and back.
+"""Convert between Hugging Face's Llama format (config.json + safetensors) and Meta's.
 
     python -m llama.convert llama-2-7b/ llama-2-7b-hf/    # Meta -> Hugging Face
     python -m llama.convert llama-2-7b-hf/ llama-2-7b/    # Hugging Face -> Meta (--model_parallel_size N)
 
-Hugging Face stores the same tensors under other names, with one difference in layout: Meta's
-rotary embedding turns adjacent pairs of each query and key head, (x0, x1), (x2, x3), ...,
-Hugging Face's turns the two halves against each other, (x0, x_{d/2}), (x1, x_{d/2+1}), ....
-Conversion reorders those rows and touches nothing else, so the round trip is bit-exact.
-Meta's params.json has no room for biases, tied embeddings, other activations or scaled RoPE;
-a config that uses them is refused with the field named.
+The direction follows the source. Tensors keep their dtype, and the only change in layout is
+the rotary row order of the query and key weights (see llama.hf), so Meta -> HF -> Meta is
+bit-exact.
 """
 
 import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from llama.checkpoint import (
-    Progress,
-    by_layer,
-    check_vocabulary,
-    count_parameters,
-    find_tokenizer,
-    kv_heads,
-    module_of,
-    new_folder,
-    open_checkpoint,
-    parallel_dim,
-    part_range,
-    reshard,
-    weight_shapes,
+from llama.checkpoint import Progress, by_layer, new_folder
+from llama.cli import run_script
+from llama.hf import (
+    INDEX_FILE,
+    MODEL_FILE,
+    ROTARY_WEIGHTS,
+    HuggingFaceCheckpoint,
+    config_from_args,
+    hf_name,
+    interleaved_to_halves,
+    save_safetensors,
+    tokenizer_config,
 )
-from llama.model import ModelArgs, ffn_hidden_dim
-from llama.runtime import run_script
+from llama.loading import check_vocabulary, find_tokenizer, open_checkpoint
+from llama.model import num_parameters
+from llama.reshard import reshard
 from llama.tokenizer import Tokenizer
-
-try:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-except ImportError as err:
-    raise ImportError(
-        "Hugging Face checkpoints need the safetensors package: pip install safetensors (or pip install -e '.[hf]')"
-    ) from err
-
-# Meta's module names and Hugging Face's; per-layer modules sit under layers.N. / model.layers.N.
-HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-HF_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-
-# The weights whose rows the two rotary conventions order differently.
-ROTARY_WEIGHTS = ("attention.wq", "attention.wk")
-
-# Older transformers saved the rotary frequencies, which the model recomputes.
-HF_IGNORED_SUFFIX = ".rotary_emb.inv_freq"
-
-# Meta's params.json does not record the context length; Llama 2 was trained on 4096 tokens.
-LLAMA2_CONTEXT_LENGTH = 4096
-
-# How Meta's own params.json files round the feed-forward width (7B and 13B; 70B). Hugging Face
-# keeps only the width, so these are tried first to give those models their own params back.
-META_FFN_ROUNDING = ({"multiple_of": 256}, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3})
-
-REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-# Config fields whose other values change the network in ways params.json cannot describe.
-FIXED_CONFIG = {
-    "model_type": "llama",
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "mlp_bias": False,
-    "rope_scaling": None,
-}
-
-MODEL_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-
-
-def hf_name(key: str) -> str:
-    """Hugging Face's name for the Meta weight `key`."""
-    module = key.removesuffix(".weight")
-    if module in HF_NAMES:
-        return HF_NAMES[module] + ".weight"
-    _, layer, name = module.split(".", 2)
-    return f"model.layers.{layer}.{HF_LAYER_NAMES[name]}.weight"
-
-
-def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Reorder each head's rows from Meta's rotary pairs (0, 1), (2, 3)... to Hugging Face's (0, d/2), (1, d/2+1)..."""
-    return weight.unflatten(0, (-1, head_dim // 2, 2)).transpose(1, 2).flatten(0, 2)
-
-
-def halves_to_interleaved(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The inverse of `interleaved_to_halves`: works on any run of whole heads."""
-    return weight.unflatten(0, (-1, 2, head_dim // 2)).transpose(1, 2).flatten(0, 2)
-
-
-def feed_forward_params(dim: int, hidden: int) -> dict[str, Any]:
-    """multiple_of (and ffn_dim_multiplier) for which the model computes a feed-forward width of `hidden`.
-
-    Failing Meta's own choices, rounding up to a multiple of the width itself gives the width
-    whenever the unrounded value does not exceed it; a multiplier below 1 brings it there.
-    """
-    base = ffn_hidden_dim(ModelArgs(dim=dim, multiple_of=1))
-    candidates = [
-        *META_FFN_ROUNDING,
-        {"multiple_of": hidden},
-        {"multiple_of": hidden, "ffn_dim_multiplier": hidden / base},
-    ]
-    for candidate in candidates:
-        if ffn_hidden_dim(ModelArgs(dim=dim, **candidate)) == hidden:
-            return candidate
-    raise ValueError(f"intermediate_size {hidden} cannot be expressed with multiple_of and ffn_dim_multiplier")
-
-
-def params_from_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Meta's params.json for a Hugging Face config, or an error naming the field it cannot express."""
-
-    def refuse(field: str, value: Any, supported: Any) -> None:
-        raise ValueError(
-            f"{str(path)!r}: {field} is {json.dumps(value)}, which Meta's params.json cannot express "
-            f"(only {json.dumps(supported)} converts)"
-        )
-
-    missing = [field for field in REQUIRED_CONFIG if field not in config]
-    if missing:
-        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it is not a Llama config.json")
-    for field, supported in FIXED_CONFIG.items():
-        if config.get(field, supported) != supported:
-            refuse(field, config[field], supported)
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        refuse("rope_parameters.rope_type", rope["rope_type"], "default")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", dim // n_heads) != dim // n_heads:
-        refuse("head_dim", config["head_dim"], dim // n_heads)
-
-    params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads}
-    n_kv_heads = config.get("num_key_value_heads") or n_heads
-    if n_kv_heads != n_heads:
-        params["n_kv_heads"] = n_kv_heads
-    params.update(feed_forward_params(dim, config["intermediate_size"]))
-    params["norm_eps"] = config.get("rms_norm_eps", 1e-6)  # Hugging Face's default
-    params["vocab_size"] = config["vocab_size"]
-    rope_theta = rope.get("rope_theta", config.get("rope_theta", ModelArgs.rope_theta))
-    if rope_theta != ModelArgs.rope_theta:  # Meta's Llama 2 code does not know the key
-        params["rope_theta"] = rope_theta
-    return params
-
-
-def config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json for transformers' LlamaForCausalLM."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": ffn_hidden_dim(args),
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": kv_heads(args),
-        "head_dim": args.dim // args.n_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": args.norm_eps,
-        "vocab_size": args.vocab_size,
-        "max_position_embeddings": LLAMA2_CONTEXT_LENGTH,
-        # transformers 5 reads rope_parameters; older versions read rope_theta.
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "rope_theta": args.rope_theta,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    """tokenizer_config.json: the SentencePiece model with Llama 2's special tokens, BOS added, EOS not."""
-    piece = tokenizer.sp_model.id_to_piece
-    return {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": piece(tokenizer.bos_id),
-        "eos_token": piece(tokenizer.eos_id),
-        "unk_token": piece(tokenizer.sp_model.unk_id()),
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": False,
-    }
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from err
-
-
-def find_weight_files(folder: Path) -> dict[str, Path]:
-    """Which safetensors file holds each tensor: from the index of a sharded folder, else the one file."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{str(index)!r} has no weight_map: it is not a safetensors index")
-        files = {name: folder / file for name, file in weight_map.items()}
-        for path in set(files.values()):
-            if not path.is_file():
-                raise FileNotFoundError(f"{str(path)!r}, listed in {INDEX_FILE}, is missing: download it again")
-        return files
-    paths = sorted(folder.glob("model*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(
-            f"{str(folder)!r} has a config.json but no model*.safetensors: only safetensors weights are read "
-            "(pytorch_model*.bin files can run code when loaded)"
-        )
-    if len(paths) > 1:
-        raise FileNotFoundError(f"{str(folder)!r} holds {len(paths)} safetensors files but no {INDEX_FILE}")
-    with safe_open(paths[0], framework="pt") as weights:
-        return dict.fromkeys(weights.keys(), paths[0])
-
-
-class HuggingFaceCheckpoint:
-    """A Hugging Face folder read as Meta's layout: each rank reads only its slice of each tensor."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.params = params_from_config(read_json(self.folder / "config.json"), self.folder / "config.json")
-        self.args, self.unknown_params = ModelArgs.from_params(self.params)
-        self.shapes = weight_shapes(self.args)
-        self.files = find_weight_files(self.folder)
-        self.handles = {}
-        for path in sorted(set(self.files.values())):
-            try:
-                self.handles[path] = safe_open(path, framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise ValueError(
-                    f"{str(path)!r} is not a readable safetensors file ({err}); download it again"
-                ) from err
-        self.check_weights()
-
-    def check_weights(self) -> None:
-        expected = {hf_name(key): shape for key, shape in self.shapes.items()}
-        found = {name for name in self.files if not name.endswith(HF_IGNORED_SUFFIX)}
-        missing = sorted(set(expected) - found)
-        unexpected = sorted(found - set(expected))
-        where = str(self.folder)
-        if missing:
-            raise ValueError(f"{where!r} lacks weight(s) {', '.join(missing[:5])}: it does not match config.json")
-        if unexpected:
-            raise ValueError(
-                f"{where!r} has unexpected weight(s) {', '.join(unexpected[:5])}: it does not match config.json"
-            )
-        for name, shape in expected.items():
-            found_shape = tuple(self.handles[self.files[name]].get_slice(name).get_shape())
-            if found_shape != shape:
-                raise ValueError(
-                    f"{self.files[name].name}: weight {name} has shape {found_shape} but config.json implies {shape}"
-                )
-
-    def release(self, tensor: torch.Tensor) -> None:
-        """Nothing to do: safetensors hands out tensors of their own, freed when dropped."""
-
-    def read(self, key: str, rank: int, world: int) -> torch.Tensor:
-        name = hf_name(key)
-        weights = self.handles[self.files[name]].get_slice(name)
-        dim = parallel_dim(key)
-        if dim is None:
-            return weights[:]
-        start, stop = part_range(key, self.shapes[key][dim], rank, world, kv_heads(self.args))
-        tensor = weights[start:stop] if dim == 0 else weights[:, start:stop]
-        if module_of(key, ROTARY_WEIGHTS) is not None:
-            tensor = halves_to_interleaved(tensor, self.args.dim // self.args.n_heads)
-        return tensor
 
 
 def plan_files(shapes: dict[str, tuple[int, ...]], itemsize: int, max_file_bytes: int) -> list[list[str]]:
@@ -301,7 +47,11 @@ def plan_files(shapes: dict[str, tuple[int, ...]], itemsize: int, max_file_bytes
 
 
 def to_hugging_face(
-    src: str | Path, dst: str | Path, tokenizer_path: str | Path | None = None, max_file_bytes: int = 5 << 30
+    src: str | Path,
+    dst: str | Path,
+    tokenizer_path: str | Path | None = None,
+    max_file_bytes: int = 5 << 30,
+    show_progress: bool | None = None,
 ) -> None:
     """Write a checkpoint (any shard count) as a Hugging Face folder that LlamaForCausalLM loads.
 
@@ -315,26 +65,26 @@ def to_hugging_face(
     tokenizer = Tokenizer(str(tokenizer_path))
     check_vocabulary(tokenizer, args)
     dst = new_folder(dst, src)
-    shapes = weight_shapes(args)
+    shapes = {key: split.shape for key, split in checkpoint.layout.items()}
     dtype = checkpoint.read("norm.weight", 0, 1).dtype
     files = plan_files(shapes, dtype.itemsize, max_file_bytes)
     count = len(files)
     names = [MODEL_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    n_parameters = count_parameters(shapes)
-    progress = Progress("writing Hugging Face weights", args.n_layers, "layers", n_parameters)
-    head_dim, weight_map = args.dim // args.n_heads, {}
+    n_parameters = num_parameters(args)
+    progress = Progress("writing Hugging Face weights", args.n_layers, "layers", n_parameters, show_progress)
+    weight_map = {}
     for name, keys in zip(names, files):
         # Opened afresh for each file, so the pages mapped while writing one are let go before the next.
         source, tensors = open_checkpoint(src), {}
         for layer, layer_keys in by_layer(keys):
             for key in layer_keys:
                 tensor = source.read(key, 0, 1)
-                if module_of(key, ROTARY_WEIGHTS) is not None:
-                    tensor = interleaved_to_halves(tensor, head_dim)
+                if key.endswith(ROTARY_WEIGHTS):
+                    tensor = interleaved_to_halves(tensor, args.head_dim)
                 tensors[hf_name(key)] = tensor.contiguous()
             if layer is not None:
                 progress.advance()
-        save_file(tensors, dst / name, metadata={"format": "pt"})
+        save_safetensors(tensors, dst / name)
         weight_map.update(dict.fromkeys(tensors, name))
     if len(names) > 1:
         index = {

@@ -2,20 +2,38 @@
 
 Column-parallel layers shard their output features, row-parallel layers their input features,
 so each block needs one all-reduce after attention and one after the feed-forward network.
+The network is also the one description of the weights: `weight_layout` reads every weight's
+name, shape and split from a copy built on the meta device.
 """
 
-from dataclasses import dataclass, fields
+import functools
+import math
+from dataclasses import astuple, dataclass, fields, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from torch import nn
 
-FEW_ROWS = 8  # up to this many rows, a compiled CPU step computes products row by row (see linear)
+from llama.parallel import ColumnParallel, ParallelEmbedding, RowParallel, Split
+
+# Published Llama shapes: llama2.c's 15M and 110M, TinyLlama's 1.1B (GQA), and Llama 2.
+SHAPES = {
+    "15M": {"dim": 288, "n_layers": 6, "n_heads": 6, "multiple_of": 32},
+    "110M": {"dim": 768, "n_layers": 12, "n_heads": 12, "multiple_of": 32},
+    "1.1B": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256},
+    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
+    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "multiple_of": 256},
+    "70B": {
+        "dim": 8192,
+        "n_layers": 80,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+    },
+}
 
 
 @dataclass
@@ -23,15 +41,32 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int | None = None
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouped-query attention)
     vocab_size: int = -1  # -1 in params.json: take it from the tokenizer
     multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
+    # What the KV cache is allocated for (Transformer.setup_caches).
     max_batch_size: int = 32
     max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Two thirds of 4 * dim (SwiGLU has three matrices), scaled, rounded up to multiple_of."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> tuple["ModelArgs", list[str]]:
@@ -43,61 +78,6 @@ class ModelArgs:
         unknown = sorted(set(params) - known)
         args = cls(**{k: v for k, v in params.items() if k in known}, **overrides)
         return args, unknown
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T.
-
-    A decode step multiplies each weight by one row per sequence, too few for the CPU's BLAS to
-    stream the weight at memory speed (110M shape, 2 cores: 9 GB/s for one row, 4 GB/s for
-    eight, where a plain read runs at 18-24). In a compiled step, written as one product and sum
-    per row, Inductor fuses the rows into a single loop that reads the weight once, on all cores
-    (17 GB/s for one row, 10 for eight). The loop over rows fixes the batch size, so each batch
-    size up to FEW_ROWS is compiled once; larger batches share one graph that calls BLAS.
-    """
-    rows = x.shape[:-1].numel()
-    if torch.compiler.is_compiling() and weight.device.type == "cpu" and rows <= FEW_ROWS:
-        per_row = [(row * weight).sum(-1) for row in x.reshape(rows, -1)]
-        return torch.stack(per_row).view(*x.shape[:-1], -1)
-    return F.linear(x, weight)
-
-
-def no_init(weight: torch.Tensor) -> torch.Tensor:
-    """Leave parallel layers uninitialised: the weights come from a checkpoint."""
-    return weight
-
-
-class ColumnParallel(ColumnParallelLinear):
-    """fairscale's column-parallel layer (output features split across ranks), run for inference.
-
-    fairscale wraps the product in autograd functions that prepare the backward pass; on a CPU
-    they cost 5-7% of a decode step (110M shape), and torch.compile cannot trace them whole.
-    The forward pass needs only the product, and for the output layer the all-gather of every
-    rank's columns.
-    """
-
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
-        super().__init__(in_features, out_features, bias=False, gather_output=gather_output, init_method=no_init)
-        self.gather = gather_output and fs_init.get_model_parallel_world_size() > 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
-        return gather_from_model_parallel_region(out) if self.gather else out
-
-
-class RowParallel(RowParallelLinear):
-    """fairscale's row-parallel layer (input features split across ranks), run for inference:
-    the product, then the all-reduce that sums the ranks' partial results."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=no_init)
-        self.reduce = fs_init.get_model_parallel_world_size() > 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
-        if self.reduce:
-            dist.all_reduce(out, group=fs_init.get_model_parallel_group())
-        return out
 
 
 class RMSNorm(nn.Module):
@@ -126,7 +106,7 @@ def apply_rotary_emb(x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
     x is (batch, seqlen, heads, head_dim); rotary is (batch or 1, seqlen, head_dim // 2, 2).
     Pairs are adjacent elements, as in Meta's checkpoints (HF's layout permutes q/k rows instead).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.float().view(*x.shape[:-1], -1, 2)
     real, imag = pairs[..., 0], pairs[..., 1]
     cos, sin = rotary[..., 0].unsqueeze(2), rotary[..., 1].unsqueeze(2)
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
@@ -139,11 +119,11 @@ class KVCache(nn.Module):
     Stored as (batch, kv_heads, seq, head_dim) so attention reads each head contiguously.
     """
 
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, weight: torch.Tensor):
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, like: torch.Tensor):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", weight.new_zeros(shape), persistent=False)
-        self.register_buffer("v", weight.new_zeros(shape), persistent=False)
+        self.register_buffer("k", like.new_zeros(shape), persistent=False)
+        self.register_buffer("v", like.new_zeros(shape), persistent=False)
 
     def update(
         self, positions: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: int
@@ -165,20 +145,15 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, world: int):
         super().__init__()
-        model_parallel_size = fs_init.get_model_parallel_world_size()
-        n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-        # With more ranks than KV heads, each rank holds a copy of the one KV head its query heads use.
-        n_kv_heads = max(n_kv_heads, model_parallel_size)
-        self.n_local_heads = args.n_heads // model_parallel_size
-        self.n_local_kv_heads = n_kv_heads // model_parallel_size
-        self.head_dim = args.dim // args.n_heads
-
-        self.wq = ColumnParallel(args.dim, args.n_heads * self.head_dim, gather_output=False)
-        self.wk = ColumnParallel(args.dim, n_kv_heads * self.head_dim, gather_output=False)
-        self.wv = ColumnParallel(args.dim, n_kv_heads * self.head_dim, gather_output=False)
-        self.wo = RowParallel(args.n_heads * self.head_dim, args.dim)
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallel(args.dim, args.n_heads * self.head_dim, world, heads=args.n_heads)
+        self.wk = ColumnParallel(args.dim, args.n_kv_heads * self.head_dim, world, heads=args.n_kv_heads)
+        self.wv = ColumnParallel(args.dim, args.n_kv_heads * self.head_dim, world, heads=args.n_kv_heads)
+        self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, world)
+        self.n_local_heads = self.wq.output_size_per_partition // self.head_dim
+        self.n_local_kv_heads = self.wk.output_size_per_partition // self.head_dim
         self.cache: KVCache | None = None
 
     def forward(
@@ -194,7 +169,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, rotary), apply_rotary_emb(k, rotary)
-        keys, values = self.cache.update(positions, k, v, cache_len)
+        if self.cache is None:  # the tokens attend to each other only
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            keys, values = self.cache.update(positions, k, v, cache_len)
 
         # Without a mask every cached position is visible; a causal prefill from position 0
         # lets the fused kernel build its own triangle.
@@ -206,32 +184,23 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-def ffn_hidden_dim(args: ModelArgs) -> int:
-    """Two thirds of 4 * dim (SwiGLU has three matrices), scaled, rounded up to multiple_of."""
-    hidden = int(2 * 4 * args.dim / 3)
-    if args.ffn_dim_multiplier is not None:
-        hidden = int(args.ffn_dim_multiplier * hidden)
-    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-
-
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, world: int):
         super().__init__()
-
-        self.w1 = ColumnParallel(dim, hidden_dim, gather_output=False)
-        self.w2 = RowParallel(hidden_dim, dim)
-        self.w3 = ColumnParallel(dim, hidden_dim, gather_output=False)
+        self.w1 = ColumnParallel(dim, hidden_dim, world)
+        self.w2 = RowParallel(hidden_dim, dim, world)
+        self.w3 = ColumnParallel(dim, hidden_dim, world)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, world: int):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
+        self.attention = Attention(args, world)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim, world)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -248,31 +217,41 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, params: ModelArgs):
+    """The network for one rank of `model_parallel_size` (default: fairscale's group size).
+
+    Building it allocates only the weights (nothing on the meta device); `setup_caches` then
+    allocates the KV cache where the weights are. Without a cache, the tokens given are the
+    whole sequence: training and scoring run that way.
+    """
+
+    def __init__(self, params: ModelArgs, model_parallel_size: int | None = None):
         super().__init__()
+        world = fs_init.get_model_parallel_world_size() if model_parallel_size is None else model_parallel_size
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=no_init)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, world)
+        self.layers = nn.ModuleList(TransformerBlock(i, params, world) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallel(params.dim, params.vocab_size)
-        self.setup_caches(params.max_batch_size, params.max_seq_len)
+        self.output = ColumnParallel(params.dim, params.vocab_size, world, gather_output=True)
+        self.rotary: torch.Tensor | None = None
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache and rotary table on the weights' device and in their dtype.
-
-        Called again after loading, once the weights sit where they will run.
-        """
-        self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
-        weight = self.tok_embeddings.weight
-        head_dim = self.params.dim // self.params.n_heads
+    def setup_caches(self) -> None:
+        """Allocate the KV cache for params.max_batch_size x max_seq_len tokens, and the rotary
+        table, on the weights' device and in their dtype."""
+        weight, params = self.tok_embeddings.weight, self.params
         for layer in self.layers:
             attention = layer.attention
-            attention.cache = KVCache(max_batch_size, max_seq_len, attention.n_local_kv_heads, head_dim, weight)
+            attention.cache = KVCache(
+                params.max_batch_size, params.max_seq_len, attention.n_local_kv_heads, params.head_dim, weight
+            )
         # Twice max_seq_len, like the reference, so a caller may run past the window without an index error.
-        self.rotary = precompute_rotary_table(head_dim, max_seq_len * 2, self.params.rope_theta).to(weight.device)
+        self.rotary = rotary_table(params, 2 * params.max_seq_len).to(weight.device)
+
+    @property
+    def has_cache(self) -> bool:
+        return self.layers[0].attention.cache is not None
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int | list[int]) -> torch.Tensor:
         """The final normalised hidden states for tokens (batch, seqlen), written into the cache.
@@ -282,9 +261,12 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
+        if not self.has_cache and start_pos != 0:
+            raise ValueError("without a KV cache the tokens must start at position 0: call setup_caches() first")
+        rotary = self.rotary if self.has_cache else rotary_table(self.params, seqlen).to(device)
         if isinstance(start_pos, int):
             positions = start_pos
-            rotary = self.rotary[start_pos : start_pos + seqlen].unsqueeze(0)
+            rotary = rotary[start_pos : start_pos + seqlen].unsqueeze(0)
             cache_len = start_pos + seqlen
             # From position 0 the plain causal triangle is right; the fused kernel builds it itself.
             if start_pos == 0 or seqlen == 1:
@@ -293,7 +275,7 @@ class Transformer(nn.Module):
                 mask = self.attention_mask(torch.arange(start_pos, cache_len, device=device), cache_len)
         else:
             positions = torch.tensor(start_pos, device=device).unsqueeze(1) + torch.arange(seqlen, device=device)
-            rotary = self.rotary[positions]
+            rotary = rotary[positions]
             cache_len = max(start_pos) + seqlen
             mask = self.attention_mask(positions, cache_len)
 
@@ -312,16 +294,33 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int | list[int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | list[int] = 0) -> torch.Tensor:
         """Logits (batch, seqlen, vocab) in fp32 for every input position, as the reference returns."""
         return self.logits(self.hidden_states(tokens, start_pos))
 
 
+def rotary_table(params: ModelArgs, end: int) -> torch.Tensor:
+    return precompute_rotary_table(params.head_dim, end, params.rope_theta)
+
+
+def weight_layout(args: ModelArgs) -> dict[str, Split]:
+    """Every weight of the unsharded model, in Meta's key names and the model's order, with its
+    shape and how ranks split it: read off a copy of the network built on the meta device."""
+    return dict(_weight_layout(astuple(replace(args, max_batch_size=1, max_seq_len=1))))
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_layout(args_fields: tuple) -> dict[str, Split]:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(*args_fields), model_parallel_size=1)
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ColumnParallel | RowParallel | ParallelEmbedding | RMSNorm):
+            shape, dim = tuple(module.weight.shape), getattr(module, "parallel_dim", None)
+            layout[f"{name}.weight"] = Split(shape, dim, getattr(module, "heads", None))
+    return layout
+
+
 def num_parameters(args: ModelArgs) -> int:
-    """Parameter count of the whole (unsharded) model, for reports and model cards."""
-    head_dim = args.dim // args.n_heads
-    n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-    attention = 2 * args.dim * args.dim + 2 * args.dim * n_kv_heads * head_dim
-    feed_forward = 3 * args.dim * ffn_hidden_dim(args)
-    per_layer = attention + feed_forward + 2 * args.dim
-    return args.n_layers * per_layer + 2 * args.vocab_size * args.dim + args.dim
+    """Parameter count of the whole (unsharded) model."""
+    return sum(math.prod(split.shape) for split in weight_layout(args).values())

@@ -6,8 +6,53 @@ Llama.build already merges or splits shards as it loads; a resharded copy saves 
 every start, and runs under Meta's reference code too, which needs one shard per process.
 """
 
-from llama.checkpoint import reshard
-from llama.runtime import run_script
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llama.checkpoint import Progress, by_layer, new_folder, save_checkpoint
+from llama.cli import run_script
+from llama.loading import open_checkpoint
+from llama.model import num_parameters
+from llama.parallel import check_model_parallel_size
+
+
+def reshard(src: str | Path, dst: str | Path, model_parallel_size: int, show_progress: bool | None = None) -> None:
+    """Write any checkpoint `Llama.build` reads in Meta's layout, cut for `model_parallel_size` processes.
+
+    Output shards are built one at a time from the memory-mapped source, so memory in use stays
+    near one output shard. A tokenizer.model in the source folder is copied along.
+    """
+    if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
+        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    checkpoint = open_checkpoint(src)
+    args = checkpoint.args
+    check_model_parallel_size(args, model_parallel_size)
+    dst = new_folder(dst, src)
+    progress = Progress(
+        f"writing {model_parallel_size} shard(s)",
+        model_parallel_size * args.n_layers,
+        "layers",
+        num_parameters(args),
+        show_progress,
+    )
+
+    def shards() -> Iterator[dict[str, torch.Tensor]]:
+        for rank in range(model_parallel_size):
+            # Opened afresh for each shard, so the pages mapped while cutting one are let go before the next.
+            source, shard = open_checkpoint(src), {}
+            for layer, keys in by_layer(checkpoint.layout):
+                shard.update((key, source.read(key, rank, model_parallel_size)) for key in keys)
+                if layer is not None:
+                    progress.advance()
+            yield shard
+
+    save_checkpoint(dst, shards(), checkpoint.params)
+    tokenizer = checkpoint.folder / "tokenizer.model"
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, dst / "tokenizer.model")
 
 
 def main(src: str, dst: str, model_parallel_size: int) -> None:

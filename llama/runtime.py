@@ -5,12 +5,8 @@ function looks at the machine once and every other module receives its answer.
 """
 
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import fire
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
@@ -63,13 +59,6 @@ def choose_runtime(device: str | torch.device | None = None, dtype: str | torch.
     return Runtime(device, parse_dtype(dtype) if dtype is not None else default_dtype, backend)
 
 
-def requested_world_size() -> int:
-    """The number of processes the launcher started (1 without torchrun)."""
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def init_model_parallel(runtime: Runtime, model_parallel_size: int | None = None) -> int:
     """Join (or create) the process group and fairscale's model-parallel group; return its size.
 
@@ -95,41 +84,8 @@ def init_model_parallel(runtime: Runtime, model_parallel_size: int | None = None
     return model_parallel_size
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes this process may still fill on its device, or None where the platform does not say.
-
-    On a GPU, its free memory. On the CPU, Linux's MemAvailable (free RAM plus page cache it can
-    reclaim), shared evenly by the processes torchrun started on this machine.
-    """
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    for line in meminfo.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return None
-
-
 def is_main_process() -> bool:
     """Only this process prints, so a torchrun group shows each answer once."""
     if dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", 0)) == 0
-
-
-def run_script(main: Callable[..., None]) -> None:
-    """Run a fire CLI; a mistake in the user's input ends it with one clear line, not a traceback."""
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as err:
-        if is_main_process():
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

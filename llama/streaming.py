@@ -8,6 +8,8 @@ U+FFFD. So a stream decodes a short window of recent tokens, hands out only what
 and holds back text that ends in U+FFFD until it either completes or the sequence ends.
 """
 
+from collections.abc import Iterator
+
 from llama.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what SentencePiece makes of bytes that are not (yet) a whole character
@@ -85,6 +87,15 @@ class StopStrings:
         return longest
 
 
+def check_stop(stop: str | list[str] | None) -> list[str]:
+    """Stop strings as a list: one string, or a list of them; none may be empty."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+    return stop
+
+
 class TextStream:
     """One generated sequence as text deltas: whole characters only, cut before its first stop string."""
 
@@ -101,3 +112,12 @@ class TextStream:
 
     def finish(self) -> str:
         return self.stop.push(self.decoder.finish()) + self.stop.finish()
+
+
+def join_deltas(stream: Iterator[list[str]], count: int) -> list[str]:
+    """The whole text of each of count sequences from a stream of per-step deltas."""
+    parts: list[list[str]] = [[] for _ in range(count)]
+    for deltas in stream:
+        for part, delta in zip(parts, deltas):
+            part.append(delta)
+    return ["".join(part) for part in parts]

@@ -1,29 +1,13 @@
-"""Shared fixtures: a tokenizer trained with Llama 2's settings and tiny random checkpoints."""
+"""Shared fixtures: a tokenizer trained with Llama 2's settings, tiny random checkpoints, a generator."""
 
 import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from llama.checkpoint import random_state_dict, save_checkpoint, split_state_dict
-from llama.model import ModelArgs
 from llama.runtime import choose_runtime, init_model_parallel
 from llama.tokenizer import Tokenizer, train_tokenizer
-
-# Plain multi-head attention, and grouped-query attention with a non-default FFN width.
-MULTI_HEAD = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
-GROUPED_QUERY = {
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "multiple_of": 16,
-    "ffn_dim_multiplier": 1.3,
-    "norm_eps": 1e-6,
-    "rope_theta": 500000.0,
-    "vocab_size": -1,
-}
+from tests.helpers import GROUPED_QUERY, write_checkpoint
 
 WORDS = "the a cat dog sat on mat sun moon star river tree house blue red green runs jumps sings".split()
 
@@ -55,20 +39,6 @@ def tokenizer(tokenizer_path: str) -> Tokenizer:
     return Tokenizer(tokenizer_path)
 
 
-def model_args(params: dict, vocab_size: int) -> ModelArgs:
-    return ModelArgs.from_params({**params, "vocab_size": vocab_size})[0]
-
-
-def write_checkpoint(
-    folder: Path, params: dict, vocab_size: int, n_shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Path:
-    """A random checkpoint in Meta's layout; the same seed gives the same weights for any shard count."""
-    state_dict = random_state_dict(model_args(params, vocab_size), seed, dtype)
-    shards = [state_dict] if n_shards == 1 else split_state_dict(state_dict, n_shards)
-    save_checkpoint(folder, shards, params)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
     """The grouped-query model in one shard."""
@@ -86,3 +56,13 @@ def generator(checkpoint: Path, tokenizer_path: str):
     from llama import Llama
 
     return Llama.build(str(checkpoint), tokenizer_path, max_seq_len=48, max_batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hugging_face(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, tokenizer_path: str) -> Path:
+    """The weights of `checkpoint` exported as a Hugging Face folder."""
+    from llama.convert import to_hugging_face
+
+    folder = tmp_path_factory.mktemp("hf") / "gqa-hf"
+    to_hugging_face(checkpoint, folder, tokenizer_path)
+    return folder

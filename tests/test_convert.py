@@ -1,66 +1,16 @@
-"""Hugging Face folders: read as Meta's, written from Meta's, bit-exact both ways, loadable by transformers."""
+"""python -m llama.convert: Meta to Hugging Face and back, bit-exact, loadable by transformers."""
 
 import json
-import re
-import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from llama import Llama
-from llama.checkpoint import random_state_dict, save_checkpoint, split_state_dict
-from llama.convert import (
-    config_from_args,
-    feed_forward_params,
-    halves_to_interleaved,
-    interleaved_to_halves,
-    main,
-    params_from_config,
-    to_hugging_face,
-)
-from llama.model import ModelArgs, ffn_hidden_dim
-from tests.conftest import GROUPED_QUERY, model_args
-
-TOKENS = torch.tensor([[1, 5, 9, 13, 20, 30, 41]])
-
-# config.json of meta-llama/Llama-2-7b-hf, as written by transformers 4.31.
-LLAMA2_7B_HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 11008,
-    "max_position_embeddings": 4096,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 32,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-    "transformers_version": "4.31.0.dev0",
-    "use_cache": True,
-    "vocab_size": 32000,
-}
-
-
-def logits(folder: Path, tokenizer_path: str | Path) -> torch.Tensor:
-    generator = Llama.build(str(folder), str(tokenizer_path), max_seq_len=32, max_batch_size=1, device="cpu")
-    return generator.model(TOKENS, 0)
-
-
-@pytest.fixture(scope="module")
-def hugging_face(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, tokenizer_path: str) -> Path:
-    folder = tmp_path_factory.mktemp("hf") / "gqa-hf"
-    to_hugging_face(checkpoint, folder, tokenizer_path)
-    return folder
+from llama.bench import random_state_dict
+from llama.checkpoint import save_checkpoint
+from llama.convert import main, to_hugging_face
+from tests.helpers import GROUPED_QUERY, TOKENS, logits_of, model_args, split_state_dict
 
 
 def test_exported_folder_has_hugging_face_layout(hugging_face: Path) -> None:
@@ -72,24 +22,9 @@ def test_exported_folder_has_hugging_face_layout(hugging_face: Path) -> None:
     assert "model.layers.1.self_attn.q_proj.weight" in load_file(hugging_face / "model.safetensors")
 
 
-def test_hugging_face_folder_gives_the_same_logits_as_its_meta_folder(
-    hugging_face: Path, checkpoint: Path, tokenizer_path: str
-) -> None:
-    assert torch.equal(logits(hugging_face, hugging_face / "tokenizer.model"), logits(checkpoint, tokenizer_path))
-
-
-def test_sharded_hugging_face_folder_is_read_through_its_index(
-    checkpoint_2_shards: Path, checkpoint: Path, tokenizer_path: str, tmp_path: Path
-) -> None:
-    to_hugging_face(checkpoint_2_shards, tmp_path / "hf", tokenizer_path, max_file_bytes=350_000)
-    files = sorted(p.name for p in (tmp_path / "hf").glob("model*"))
-    assert files == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)] + ["model.safetensors.index.json"]
-    assert torch.equal(logits(tmp_path / "hf", tokenizer_path), logits(checkpoint, tokenizer_path))
-
-
 def test_meta_to_hugging_face_to_meta_is_bit_exact(tokenizer_path: str, tmp_path: Path) -> None:
     args = model_args(GROUPED_QUERY, 400)
-    original = split_state_dict(random_state_dict(args, seed=3, dtype=torch.bfloat16), 2)
+    original = split_state_dict(random_state_dict(args, seed=3, dtype=torch.bfloat16), args, 2)
     save_checkpoint(tmp_path / "meta", original, GROUPED_QUERY)
     main(str(tmp_path / "meta"), str(tmp_path / "hf"), tokenizer_path=tokenizer_path)
     main(str(tmp_path / "hf"), str(tmp_path / "back"), model_parallel_size=2)
@@ -120,107 +55,7 @@ def test_transformers_loads_the_exported_folder_and_agrees(
     model = transformers.LlamaForCausalLM.from_pretrained(hugging_face, attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = model(TOKENS).logits
-    torch.testing.assert_close(logits(checkpoint, tokenizer_path), theirs, atol=1e-4, rtol=1e-4)
-
-
-def test_rotary_row_order_round_trips_and_keeps_heads_apart() -> None:
-    rows = torch.arange(2 * 8).float().unsqueeze(1)  # two heads of head_dim 8
-    halves = interleaved_to_halves(rows, head_dim=8)
-    assert halves[:8, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
-    assert halves[8:, 0].tolist() == [8, 10, 12, 14, 9, 11, 13, 15]
-    assert torch.equal(halves_to_interleaved(halves, head_dim=8), rows)
-
-
-def test_llama2_7b_hugging_face_config_gives_metas_params() -> None:
-    params = params_from_config(LLAMA2_7B_HF_CONFIG, Path("config.json"))
-    assert params == {
-        "dim": 4096,
-        "n_layers": 32,
-        "n_heads": 32,
-        "multiple_of": 256,
-        "norm_eps": 1e-05,
-        "vocab_size": 32000,
-    }
-
-
-@pytest.mark.parametrize(
-    ("dim", "width", "expected"),
-    [
-        (4096, 11008, {"multiple_of": 256}),  # Llama 2 7B
-        (5120, 13824, {"multiple_of": 256}),  # 13B
-        (8192, 28672, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3}),  # 70B
-        (64, 224, {"multiple_of": 224}),
-        (64, 100, {"multiple_of": 100, "ffn_dim_multiplier": 100 / 170}),  # narrower than 8/3 dim
-    ],
-)
-def test_any_feed_forward_width_has_params(dim: int, width: int, expected: dict) -> None:
-    params = feed_forward_params(dim, width)
-    assert params == expected
-    assert ffn_hidden_dim(ModelArgs(dim=dim, **params)) == width
-
-
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        (
-            "rope_scaling",
-            {"rope_type": "linear", "factor": 2.0},
-            'rope_scaling is {"rope_type": "linear", "factor": 2.0}',
-        ),
-        ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5}, 'rope_parameters.rope_type is "llama3"'),
-        ("tie_word_embeddings", True, "tie_word_embeddings is true"),
-        ("attention_bias", True, "attention_bias is true"),
-        ("mlp_bias", True, "mlp_bias is true"),
-        ("hidden_act", "gelu", 'hidden_act is "gelu"'),
-        ("head_dim", 32, "head_dim is 32"),
-        ("model_type", "mistral", 'model_type is "mistral"'),
-    ],
-)
-def test_config_that_params_json_cannot_express_names_the_field(field: str, value, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"{message}, which Meta's params.json cannot express")):
-        params_from_config({**LLAMA2_7B_HF_CONFIG, field: value}, Path("config.json"))
-
-
-def test_unsupported_config_is_refused_when_building(hugging_face: Path, tmp_path: Path) -> None:
-    folder = Path(shutil.copytree(hugging_face, tmp_path / "hf"))
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
-    with pytest.raises(ValueError, match="config.json'?: rope_scaling is"):
-        logits(folder, folder / "tokenizer.model")
-
-
-def test_exported_config_reads_back_as_the_same_model(tokenizer) -> None:
-    args = model_args(GROUPED_QUERY, tokenizer.n_words)
-    params = params_from_config(config_from_args(args, torch.float32, tokenizer), Path("config.json"))
-    back = ModelArgs.from_params(params)[0]
-    assert ffn_hidden_dim(back) == ffn_hidden_dim(args)
-    assert replace(back, multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier) == args
-
-
-def edit_safetensors(folder: Path, edit) -> None:
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path)
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda t: t.pop("model.layers.1.mlp.down_proj.weight"), "lacks weight.*model.layers.1.mlp.down_proj.weight"),
-        (lambda t: t.update({"model.layers.1.extra.weight": torch.ones(1)}), "unexpected weight.*layers.1.extra"),
-        (
-            lambda t: t.update({"model.norm.weight": torch.ones(63)}),
-            r"weight model.norm.weight has shape \(63,\) but config.json implies \(64,\)",
-        ),
-    ],
-    ids=["missing", "unexpected", "misshapen"],
-)
-def test_bad_hugging_face_weight_is_named(hugging_face: Path, tmp_path: Path, edit, message: str) -> None:
-    folder = Path(shutil.copytree(hugging_face, tmp_path / "hf"))
-    edit_safetensors(folder, edit)
-    with pytest.raises(ValueError, match=message):
-        logits(folder, folder / "tokenizer.model")
+    torch.testing.assert_close(logits_of(checkpoint, tokenizer_path), theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_export_needs_a_tokenizer(checkpoint: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama import Llama
-from tests.test_distributed import ROOT, environment, free_port, torchrun
+from tests.helpers import ROOT, environment, free_port, torchrun
 from tools.demo_data import held_out_dialogs, is_held_out, problem
 from tools.evaluate_demo_model import answer_all
 

@@ -4,35 +4,17 @@ One torchrun launch loads several checkpoints in turn, each on two processes, wh
 shard count or format; every result must match the same checkpoint run in this one process.
 """
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from llama.convert import to_hugging_face
-from tests.conftest import GROUPED_QUERY, write_checkpoint
 from tests.distributed_worker import build, run
+from tests.helpers import GROUPED_QUERY, environment, free_port, torchrun, write_checkpoint
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
-ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +30,7 @@ def one_kv_head(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hugging_face(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, tokenizer_path: str) -> Path:
+def hugging_face_2_files(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, tokenizer_path: str) -> Path:
     """The weights of `checkpoint` as a Hugging Face folder, in two safetensors files."""
     folder = tmp_path_factory.mktemp("ckpt") / "hugging-face"
     to_hugging_face(checkpoint, folder, tokenizer_path, max_file_bytes=350_000)
@@ -60,13 +42,13 @@ def two_processes(
     checkpoint: Path,
     checkpoint_2_shards: Path,
     one_kv_head: Path,
-    hugging_face: Path,
+    hugging_face_2_files: Path,
     tokenizer_path: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, list[dict]]:
     """What each of two torchrun processes computed, per checkpoint folder name."""
     out = tmp_path_factory.mktemp("two-processes")
-    folders = [checkpoint, checkpoint_2_shards, one_kv_head, hugging_face]
+    folders = [checkpoint, checkpoint_2_shards, one_kv_head, hugging_face_2_files]
     command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out), tokenizer_path)
     done = subprocess.run(
         command + [str(f) for f in folders], env=environment(), capture_output=True, text=True, timeout=300
@@ -104,10 +86,10 @@ def test_single_kv_head_is_copied_to_both_processes(
 
 
 def test_hugging_face_folder_splits_over_two_processes(
-    two_processes: dict, hugging_face: Path, single_process: dict
+    two_processes: dict, hugging_face_2_files: Path, single_process: dict
 ) -> None:
-    assert len(list(hugging_face.glob("model-*.safetensors"))) == 2
-    assert_both_ranks_match(two_processes[hugging_face.name], single_process)
+    assert len(list(hugging_face_2_files.glob("model-*.safetensors"))) == 2
+    assert_both_ranks_match(two_processes[hugging_face_2_files.name], single_process)
 
 
 def test_compiled_decode_step_on_two_processes_matches_one_eager_process(

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_distributed import ROOT, environment, free_port, torchrun
+from tests.helpers import ROOT, environment, free_port, torchrun
 
 
 def run_script(command: list[str]) -> subprocess.CompletedProcess:

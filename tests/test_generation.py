@@ -1,27 +1,14 @@
-"""Generation: batching, logprobs, echo, EOS, sampling, the chat format and bad input."""
+"""The Llama API: batching, logprobs, echo, EOS, sampling, chat completion and bad input."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama import Llama
-from llama.generation import (
-    B_INST,
-    B_SYS,
-    E_INST,
-    E_SYS,
-    UNSAFE_ERROR,
-    encode_dialog,
-    sample_top_p,
-)
-from llama.tokenizer import Tokenizer
-
-PROMPTS = ["The cat", "A dog sat on the mat and the sun", "Red"]
-
-
-def prompt_ids(tokenizer: Tokenizer, prompts: list[str] = PROMPTS) -> list[list[int]]:
-    return [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+from llama.chat_format import UNSAFE_ERROR, encode_dialog
+from tests.helpers import PROMPTS, prompt_ids
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(generator: Llama) -> None:
@@ -32,17 +19,6 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(generator: Llama) -
         alone, _ = generator.generate([prompt], max_gen_len=12, temperature=0)
         assert alone[0] == tokens
         assert len(tokens) > 0
-
-
-def test_compiled_decode_step_gives_the_same_tokens(generator: Llama) -> None:
-    prompts = prompt_ids(generator.tokenizer)
-    eager, eager_logprobs = generator.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
-    compiled = Llama(generator.model, generator.tokenizer, compile=True)
-    for batch in (prompts, prompts[:1]):  # sequences at different positions, then one
-        tokens, logprobs = compiled.generate(batch, max_gen_len=12, temperature=0, logprobs=True)
-        assert tokens == eager[: len(batch)]
-        for ours, theirs in zip(logprobs, eager_logprobs):
-            assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_logprobs_and_echo_agree_with_full_forward(generator: Llama) -> None:
@@ -109,14 +85,6 @@ def test_tiny_top_p_is_greedy_and_sampling_is_seeded(generator: Llama) -> None:
     assert first != greedy
 
 
-def test_sample_top_p_keeps_only_the_nucleus() -> None:
-    probs = torch.tensor([[0.5, 0.3, 0.2]]).expand(2000, 3).clone()
-    samples = sample_top_p(probs, 0.6)
-    assert samples.shape == (2000, 1)
-    counts = torch.bincount(samples.flatten(), minlength=3)
-    assert counts[2] == 0 and counts[0] > counts[1] > 0
-
-
 def test_text_completion_returns_reference_shapes(generator: Llama) -> None:
     plain = generator.text_completion(PROMPTS, max_gen_len=6, temperature=0)
     assert [set(p) for p in plain] == [{"generation"}] * 3
@@ -126,32 +94,6 @@ def test_text_completion_returns_reference_shapes(generator: Llama) -> None:
         assert prediction["generation"].startswith(prompt)
         assert all(isinstance(t, str) for t in prediction["tokens"])
         assert len(prediction["tokens"]) == len(prediction["logprobs"])
-
-
-def test_chat_format_without_system_prompt(tokenizer: Tokenizer) -> None:
-    dialog = [{"role": "user", "content": "  Hi there  "}]
-    expected = tokenizer.encode(f"{B_INST} Hi there {E_INST}", bos=True, eos=False)
-    assert encode_dialog(tokenizer, dialog) == expected
-    assert expected[0] == tokenizer.bos_id and tokenizer.decode(expected) == "[INST] Hi there [/INST]"
-
-
-def test_chat_format_with_system_prompt_and_several_turns(tokenizer: Tokenizer) -> None:
-    dialog = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": " Hello. "},
-        {"role": "user", "content": "Sum 2 and 3"},
-        {"role": "assistant", "content": "5"},
-        {"role": "user", "content": "Thanks"},
-    ]
-    first = f"{B_INST} {B_SYS}Be brief.{E_SYS}Hi {E_INST} Hello. "
-    expected = tokenizer.encode(first, bos=True, eos=True)
-    expected += tokenizer.encode(f"{B_INST} Sum 2 and 3 {E_INST} 5 ", bos=True, eos=True)
-    expected += tokenizer.encode(f"{B_INST} Thanks {E_INST}", bos=True, eos=False)
-    ids = encode_dialog(tokenizer, dialog)
-    assert ids == expected
-    assert ids.count(tokenizer.bos_id) == 3 and ids.count(tokenizer.eos_id) == 2
-    assert tokenizer.decode(ids[: ids.index(tokenizer.eos_id)]).startswith("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi")
 
 
 def test_chat_completion_answers_as_assistant(generator: Llama) -> None:
@@ -221,3 +163,8 @@ def test_bad_batches_are_rejected(generator: Llama) -> None:
         generator.text_completion(["a", "the cat " * 40])
     with pytest.raises(ValueError, match="at least one"):
         generator.generate([[1], []], max_gen_len=3)
+
+
+def test_bad_limits(checkpoint: Path, tokenizer_path: str) -> None:
+    with pytest.raises(ValueError, match="max_seq_len must be a positive integer"):
+        Llama.build(str(checkpoint), tokenizer_path, max_seq_len=0, max_batch_size=1)

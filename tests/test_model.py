@@ -3,20 +3,22 @@
 import pytest
 import torch
 
-from llama.bench import SHAPES
-from llama.checkpoint import load_weights, random_state_dict
-from llama.model import ModelArgs, RMSNorm, Transformer, apply_rotary_emb, ffn_hidden_dim, num_parameters
+from llama.bench import random_state_dict
+from llama.loading import load_weights
+from llama.model import SHAPES, ModelArgs, RMSNorm, Transformer, apply_rotary_emb, num_parameters, weight_layout
 from llama.runtime import choose_runtime
-from tests.conftest import GROUPED_QUERY, MULTI_HEAD, model_args
+from tests.helpers import GROUPED_QUERY, MULTI_HEAD, model_args
 
 VOCAB = 97
 
 
-def build(args: ModelArgs, seed: int = 0) -> tuple[Transformer, dict[str, torch.Tensor]]:
+def build(args: ModelArgs, seed: int = 0, cache: bool = True) -> tuple[Transformer, dict[str, torch.Tensor]]:
     state_dict = random_state_dict(args, seed)
-    model = Transformer(args)
+    with torch.device("meta"):
+        model = Transformer(args)
     load_weights(model, state_dict, choose_runtime("cpu"))
-    model.setup_caches(args.max_batch_size, args.max_seq_len)
+    if cache:
+        model.setup_caches()
     return model, state_dict
 
 
@@ -32,7 +34,7 @@ def hf_model(args: ModelArgs, state_dict: dict[str, torch.Tensor]):
     config = transformers.LlamaConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
-        intermediate_size=ffn_hidden_dim(args),
+        intermediate_size=args.ffn_dim,
         num_hidden_layers=args.n_layers,
         num_attention_heads=args.n_heads,
         num_key_value_heads=n_kv_heads,
@@ -141,7 +143,7 @@ def test_rms_norm_scales_to_unit_root_mean_square() -> None:
 )
 def test_llama2_shapes(shape: str, hidden: int, billions: float) -> None:
     args = ModelArgs(**SHAPES[shape], vocab_size=32000)
-    assert ffn_hidden_dim(args) == hidden
+    assert args.ffn_dim == hidden
     assert num_parameters(args) / 1e9 == pytest.approx(billions, abs=0.01)
 
 
@@ -151,3 +153,39 @@ def test_params_json_with_unknown_and_new_keys() -> None:
     )
     assert args.rope_theta == 1e6
     assert unknown == ["use_scaled_rope"]
+
+
+def test_without_a_cache_the_tokens_attend_to_each_other() -> None:
+    """Training and scoring run the whole sequence at once, with no cache to allocate."""
+    args = model_args(GROUPED_QUERY, VOCAB)
+    args.max_seq_len, args.max_batch_size = 32, 2
+    cached, _ = build(args)
+    uncached, _ = build(args, cache=False)
+    assert not uncached.has_cache
+    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(uncached(tokens), cached(tokens, 0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="without a KV cache the tokens must start at position 0"):
+        uncached(tokens, 3)
+
+
+def test_built_on_the_meta_device_the_model_holds_no_memory() -> None:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**SHAPES["7B"], vocab_size=32000))
+    assert all(p.is_meta for p in model.parameters())
+    assert not model.has_cache
+
+
+@pytest.mark.parametrize("params", [MULTI_HEAD, GROUPED_QUERY], ids=["multi_head", "grouped_query"])
+def test_weight_layout_is_the_networks_own(params: dict) -> None:
+    args = model_args(params, VOCAB)
+    layout = weight_layout(args)
+    with torch.device("meta"):
+        model = Transformer(args, model_parallel_size=1)
+    assert list(layout) == list(model.state_dict())
+    assert {key: split.shape for key, split in layout.items()} == {
+        key: tuple(t.shape) for key, t in model.state_dict().items()
+    }
+    for key, split in layout.items():
+        assert (split.dim is None) == key.endswith("norm.weight")
+        heads = {"wq.weight": args.n_heads, "wk.weight": args.n_kv_heads, "wv.weight": args.n_kv_heads}
+        assert split.heads == next((n for name, n in heads.items() if key.endswith(name)), None)

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import llama.checkpoint
-from llama.checkpoint import md5sum, random_state_dict, reshard, save_checkpoint
+from llama.bench import random_state_dict
+from llama.checkpoint import md5sum, save_checkpoint
 from llama.model import ModelArgs
-from tests.test_distributed import ROOT, environment
+from llama.reshard import reshard
+from tests.helpers import ROOT, environment
 
 PROBE = str(Path(__file__).with_name("peak_memory.py"))
 
@@ -60,11 +61,8 @@ def test_reshard_refuses_a_size_that_does_not_split_the_model(checkpoint: Path, 
     assert not (tmp_path / "mp3").exists()
 
 
-def test_reshard_shows_progress(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    monkeypatch.setattr(llama.checkpoint, "PROGRESS_MIN_PARAMETERS", 0)
-    reshard(checkpoint, tmp_path / "mp2", 2)
+def test_reshard_shows_progress(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    reshard(checkpoint, tmp_path / "mp2", 2, show_progress=True)
     assert capsys.readouterr().err.splitlines() == [f"writing 2 shard(s): {i}/4 layers" for i in range(1, 5)]
 
 

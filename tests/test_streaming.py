@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.generation import UNSAFE_ERROR, join_deltas
-from llama.streaming import REPLACEMENT, StopStrings, TokenDecoder
+from llama.chat_format import UNSAFE_ERROR
+from llama.streaming import REPLACEMENT, StopStrings, TokenDecoder, join_deltas
 from llama.tokenizer import Tokenizer
 
 # Emoji and CJK fall back to bytes in the test tokenizer, several tokens per character.

@@ -7,7 +7,7 @@ A fixed tenth of all (a, op, b) problems never appears in training; evaluation d
 
 import random
 
-from llama.generation import Dialog
+from llama.chat_format import Dialog
 
 SYSTEMS = [
     "You are a helpful assistant.",

@@ -5,8 +5,8 @@ torchrun --nproc_per_node 2 -m tools.evaluate_demo_model --ckpt_dir models/llama
 """
 
 from llama import Dialog, Llama
-from llama.checkpoint import DEMO_MODEL_DIR
-from llama.runtime import is_main_process, run_script
+from llama.cli import DEMO_MODEL_DIR, run_script
+from llama.runtime import is_main_process
 from tools.demo_data import held_out_dialogs
 
 

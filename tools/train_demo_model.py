@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.checkpoint import md5sum, save_checkpoint, split_state_dict
-from llama.generation import Dialog, Llama, encode_dialog
+from llama.chat_format import Dialog, encode_dialog
+from llama.checkpoint import md5sum, save_checkpoint
+from llama.generation import Llama
 from llama.model import ModelArgs, Transformer, num_parameters
+from llama.reshard import reshard
 from llama.runtime import choose_runtime, init_model_parallel
 from llama.tokenizer import Tokenizer, train_tokenizer
 from tools.demo_data import dialog, held_out_dialogs, plain_text
@@ -138,8 +140,15 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def held_out_accuracy(model: Transformer, tokenizer: Tokenizer, n: int = 96) -> float:
-    """Greedy answers to questions training never sees, to watch progress (the full check is the evaluation script)."""
-    generator = Llama(model, tokenizer)
+    """Greedy answers to questions training never sees, to watch progress (the full check is the evaluation script).
+
+    Asked of a copy that shares the trained weights and has a KV cache, which training does without.
+    """
+    with torch.device("meta"):
+        inference = Transformer(model.params)
+    inference.load_state_dict(model.state_dict(), assign=True)
+    inference.setup_caches()
+    generator = Llama(inference, tokenizer)
     cases = held_out_dialogs(n)
     answers = answer_all(generator, [d for d, _ in cases])
     return sum(a == expected for a, (_, expected) in zip(answers, cases)) / n
@@ -180,7 +189,6 @@ def main(
     for step, (inputs, targets) in zip(range(steps), batches(tokenizer, rng, batch_size, max_len)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, peak_lr, warmup=steps // 30)
-        model.setup_caches(batch_size, max_len)  # a fresh cache: the old one holds the last step's graph
         logits = model.logits(model.hidden_states(inputs, 0))
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
@@ -198,8 +206,8 @@ def main(
     save_checkpoint(out, [state_dict], params)
     write_tokenizer_checksum(out)
     sharded = out.with_name(out.name + "-mp2")
-    save_checkpoint(sharded, split_state_dict(state_dict, 2), params)
-    shutil.copy(out / "tokenizer.model", sharded / "tokenizer.model")
+    shutil.rmtree(sharded, ignore_errors=True)  # an earlier run's copy
+    reshard(out, sharded, 2)  # copies tokenizer.model along
     write_tokenizer_checksum(sharded)
     print(f"trained in {time.time() - start:.0f} s; wrote {out} and {sharded}")
 

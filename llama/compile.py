@@ -1,0 +1,47 @@
+"""torch.compile for the decode step, applied from outside the model.
+
+The decode step repeats for every token. Compiled, each layer becomes a few fused loops, which
+pays back the compile time (tens of seconds) on long generations. On a CPU, one more change
+matters: a decode step multiplies each weight by one row per sequence, too few rows for the
+CPU's BLAS to stream the weight at memory speed. Written as one product and sum per row, the
+products become a single Inductor loop that reads the weight once, on every core. The model
+keeps calling F.linear; a torch function mode, active only inside the compiled step, rewrites it.
+
+Positions are symbolic, so one compilation serves every step. The loop over rows fixes the
+batch size, so on a CPU each batch size up to FEW_ROWS is compiled once, as is a batch whose
+sequences sit at different positions; after 8 such variants torch stops compiling (its
+recompile_limit) and new ones run eagerly, with the same results. Prefill stays eager: its
+large matrix products already run near the machine's arithmetic limit.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from llama.decoding import Step
+
+FEW_ROWS = 8  # up to this many rows, a compiled CPU step computes products row by row
+
+
+class RowByRowProducts(TorchFunctionMode):
+    """F.linear(x, weight) on a CPU with at most FEW_ROWS rows, as one product and sum per row."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) == 2 and not kwargs:
+            x, weight = args
+            rows = x.shape[:-1].numel()
+            if weight.device.type == "cpu" and rows <= FEW_ROWS:
+                per_row = [(row * weight).sum(-1) for row in x.reshape(rows, -1)]
+                return torch.stack(per_row).view(*x.shape[:-1], -1)
+        return func(*args, **kwargs)
+
+
+def compile_decode_step(step: Step) -> Step:
+    """The decode step through torch.compile, with row-by-row products on a CPU."""
+
+    def row_by_row(model, tokens, start_pos):
+        with RowByRowProducts():
+            return step(model, tokens, start_pos)
+
+    return torch.compile(row_by_row, dynamic=True, fullgraph=True)

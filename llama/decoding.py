@@ -1,0 +1,244 @@
+"""Decoding: prefill the prompts, then sample and feed back one token per sequence per step.
+
+Each prompt becomes a `Sequence`, the one place that decides when it is finished (EOS, its token
+budget, a stop string). A `Decoder` runs sequences through a model and its KV cache, one cache
+row per sequence, and keeps a `CacheRows` record of the token ids each row holds, so that a prompt
+continuing what a row holds (the next turn of a chat) runs only its new tokens. Sequences need not
+start together: every row decodes at its own position.
+"""
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+
+from llama.model import Transformer
+from llama.streaming import TextStream
+from llama.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length"]  # "stop": EOS or a stop string; "length": the token budget
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under logits (..., vocab) for tokens (...)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of logits (batch, vocab): greedy at temperature 0, else nucleus sampling."""
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p).reshape(-1)
+    return torch.argmax(logits, dim=-1)
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probabilities add up to more than p.
+
+    Returns (batch, 1) token ids.
+    """
+    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs[mass_before > p] = 0.0
+    sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
+    choice = torch.multinomial(sorted_probs, num_samples=1)
+    return torch.gather(sorted_ids, -1, choice)
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | list[int]) -> torch.Tensor:
+    """Logits (batch, vocab) after feeding one token (batch,) per sequence at start_pos."""
+    return model.logits(model.hidden_states(tokens.unsqueeze(1), start_pos)[:, -1])
+
+
+def check_prompts(prompt_tokens: list[list[int]], max_batch_size: int, max_seq_len: int) -> None:
+    """Reject batches the pre-allocated cache cannot hold, before any work is done."""
+    if len(prompt_tokens) == 0:
+        raise ValueError("no prompts given: pass at least one prompt")
+    if len(prompt_tokens) > max_batch_size:
+        raise ValueError(
+            f"{len(prompt_tokens)} prompts exceed max_batch_size={max_batch_size}: "
+            "build with a larger max_batch_size or send the prompts in smaller batches"
+        )
+    for i, tokens in enumerate(prompt_tokens):
+        if len(tokens) == 0:
+            raise ValueError(f"prompt {i} has no tokens: every prompt needs at least one (usually BOS)")
+        if len(tokens) > max_seq_len:
+            raise ValueError(
+                f"prompt {i} is {len(tokens)} tokens long but max_seq_len is {max_seq_len}: "
+                "shorten the prompt or build with a larger max_seq_len"
+            )
+
+
+class Sequence:
+    """One prompt and what has been generated for it: tokens, logprobs and, if streamed, text.
+
+    `add` takes each sampled token and decides whether the sequence is finished: at EOS (which is
+    not kept), at a stop string (the text is cut before it) or when its budget of tokens is spent.
+    """
+
+    def __init__(self, prompt: list[int], budget: int, eos_id: int, stream: TextStream | None = None):
+        self.prompt, self.budget, self.eos_id, self.stream = list(prompt), budget, eos_id, stream
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.prompt_logprobs: list[float] = []  # filled by a prefill that computes logprobs
+        self.finish_reason: FinishReason | None = None
+        self.text = ""  # streamed text not yet taken
+        if budget == 0:
+            self.finish("length")
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: float | None = None) -> None:
+        if token == self.eos_id:
+            self.finish("stop")
+            return
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.stream is not None:
+            self.text += self.stream.push(token)
+            if self.stream.stopped:
+                self.finish("stop")
+        if not self.finished and len(self.tokens) == self.budget:
+            self.finish("length")
+
+    def finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        if self.stream is not None:
+            self.text += self.stream.finish()
+
+    def take_text(self) -> str:
+        """The text that arrived since the last call: whole characters, cut before any stop string."""
+        text, self.text = self.text, ""
+        return text
+
+
+class CacheRows:
+    """The token ids whose keys and values each KV-cache row holds, from position 0.
+
+    Forgotten before a pass writes into a row and recorded after it, so the record never claims
+    more than the row holds, even if the pass fails half-way.
+    """
+
+    def __init__(self, rows: int):
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+
+    def reusable(self, row: int, prompt: list[int]) -> int:
+        """How many leading tokens of a prompt the row holds already, leaving at least one to run.
+
+        Compared by id: the cache holds the ids the model generated, and re-encoding their text
+        (as the chat format does for past answers) may split it into different tokens.
+        """
+        shared = 0
+        for cached, token in zip(self.tokens[row], prompt):
+            if cached != token:
+                break
+            shared += 1
+        return min(shared, len(prompt) - 1)
+
+    def forget_from(self, row: int, position: int) -> None:
+        del self.tokens[row][position:]
+
+    def append(self, row: int, tokens: list[int]) -> None:
+        self.tokens[row] += tokens
+
+
+Step = Callable[[Transformer, torch.Tensor, int | list[int]], torch.Tensor]
+
+
+class Decoder:
+    """Generation with one model and its KV cache: sequence i of a call occupies cache row i."""
+
+    def __init__(self, model: Transformer, step: Step = decode_step):
+        self.model, self.step = model, step
+        self.device = model.tok_embeddings.weight.device
+        self.rows = CacheRows(model.params.max_batch_size)
+
+    def sequences(
+        self, prompt_tokens: list[list[int]], max_gen_len: int, tokenizer: Tokenizer, stop: list[str] | None = None
+    ) -> list[Sequence]:
+        """Check the prompts; one Sequence each, allowed max_gen_len new tokens or what the window leaves.
+
+        With stop (a list, maybe empty), each sequence also streams its text, cut before those strings.
+        """
+        max_seq_len = self.model.params.max_seq_len
+        check_prompts(prompt_tokens, self.model.params.max_batch_size, max_seq_len)
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        return [
+            Sequence(
+                tokens,
+                min(len(tokens) + max_gen_len, max_seq_len) - len(tokens),
+                tokenizer.eos_id,
+                None if stop is None else TextStream(tokenizer, stop),
+            )
+            for tokens in prompt_tokens
+        ]
+
+    def prefill(self, sequences: list[Sequence], logprobs: bool, reuse: bool) -> torch.Tensor:
+        """Run all prompts through the model at once; return the logits of each one's next token.
+
+        Padding sits after each prompt, where causal attention keeps it from touching the real
+        tokens; decoding then overwrites those cache positions. A token's logprob is taken from the
+        logits one position earlier, so the first prompt token, with nothing before it, gets 0.
+        With reuse (one prompt, no logprobs) the part of the prompt that cache row 0 holds already
+        is not run again: the rest runs from the position where it starts.
+        """
+        start = self.rows.reusable(0, sequences[0].prompt) if reuse else 0
+        prompts = [sequence.prompt[start:] for sequence in sequences]
+        bsz, longest = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros((bsz, longest), dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            self.rows.forget_from(row, start)
+        h = self.model.hidden_states(tokens, start)
+        for row, prompt in enumerate(prompts):
+            self.rows.append(row, prompt)
+        rows = torch.arange(bsz, device=self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        if not logprobs:
+            return self.model.logits(h[rows, last])
+        logits = self.model.logits(h)
+        prompt_logprobs = torch.zeros((bsz, longest), device=self.device)
+        prompt_logprobs[:, 1:] = token_logprobs(logits[:, :-1], tokens[:, 1:])
+        for sequence, values in zip(sequences, prompt_logprobs.tolist()):
+            sequence.prompt_logprobs = values[: len(sequence.prompt)]
+        return logits[rows, last]
+
+    @torch.inference_mode()
+    def run(
+        self, sequences: list[Sequence], temperature: float, top_p: float, logprobs: bool = False, reuse: bool = False
+    ) -> Iterator[list[str]]:
+        """Prefill, then give every unfinished sequence a sampled token and feed the tokens back,
+        until all are finished.
+
+        Yields once per step, after the sequences have taken their tokens and before the tokens are
+        fed back, each sequence's new text (streamed sequences only; "" for the others): a consumer
+        sees each token as soon as it exists, and one that stops reading costs no further forward
+        pass. A finished sequence keeps stepping in lockstep, at an in-range position beyond what
+        its row holds; what it is fed is filler.
+        """
+        next_logits = self.prefill(sequences, logprobs, reuse)
+        max_seq_len = self.model.params.max_seq_len
+        for step in itertools.count():
+            if all(sequence.finished for sequence in sequences):
+                return
+            next_token = sample(next_logits, temperature, top_p)
+            tokens = next_token.tolist()
+            token_lps = token_logprobs(next_logits, next_token).tolist() if logprobs else [None] * len(tokens)
+            live = [not sequence.finished for sequence in sequences]
+            for sequence, token, logprob, running in zip(sequences, tokens, token_lps, live):
+                if running:
+                    sequence.add(token, logprob)
+            yield [sequence.take_text() for sequence in sequences]
+            if all(sequence.finished for sequence in sequences):
+                return
+            positions = [min(len(sequence.prompt) + step, max_seq_len - 1) for sequence in sequences]
+            start_pos = positions[0] if len(set(positions)) == 1 else positions
+            next_logits = self.step(self.model, next_token, start_pos)
+            for row, running in enumerate(live):
+                if running:  # fed at the position right after what the row holds
+                    self.rows.append(row, [tokens[row]])

@@ -1,0 +1,149 @@
+"""From a checkpoint folder to a model ready to run: open, check, build empty, assign, allocate.
+
+The network is built on the meta device (no memory), checked against the device's free memory,
+then each weight is assigned from the memory-mapped checkpoint, one layer at a time, in the
+runtime's device and dtype: an fp32 checkpoint on a CPU becomes the model's storage without a
+copy. Only then is the KV cache allocated, once, where the weights are.
+"""
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from fairscale.nn.model_parallel import initialize as fs_init
+from torch import nn
+
+from llama.checkpoint import IGNORED_KEYS, Checkpoint, MetaCheckpoint, Progress, by_layer, check_weight_names
+from llama.memory import available_memory, check_memory
+from llama.model import ModelArgs, Transformer, num_parameters
+from llama.parallel import check_model_parallel_size
+from llama.runtime import Runtime, is_main_process
+from llama.tokenizer import Tokenizer
+
+
+def find_tokenizer(folder: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """The tokenizer given, else tokenizer.model in the folder or beside it (where download.sh puts it)."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    folder = Path(folder)
+    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no tokenizer.model in {str(folder)!r} or its parent folder: pass --tokenizer_path pointing to "
+        "the tokenizer.model that came with the weights"
+    )
+
+
+def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
+    """Meta's layout (consolidated.NN.pth + params.json) or Hugging Face's (config.json + safetensors)."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint folder {str(folder)!r} does not exist: pass --ckpt_dir pointing to a folder "
+            "such as llama-2-7b/ that holds consolidated.00.pth and params.json"
+        )
+    if (folder / "config.json").is_file() and not any(folder.glob("consolidated.*.pth")):
+        from llama.hf import HuggingFaceCheckpoint  # safetensors, an optional dependency
+
+        return HuggingFaceCheckpoint(folder)
+    return MetaCheckpoint(folder)
+
+
+class RankWeights(Mapping[str, torch.Tensor]):
+    """One rank's part of every weight, read from the checkpoint only when asked for."""
+
+    def __init__(self, checkpoint: Checkpoint, rank: int, world: int):
+        self.checkpoint, self.rank, self.world = checkpoint, rank, world
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.checkpoint.layout:
+            raise KeyError(key)
+        return self.checkpoint.read(key, self.rank, self.world)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.checkpoint.layout)
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.layout)
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    runtime: Runtime,
+    progress: Progress | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
+) -> None:
+    """Move each checkpoint tensor into the model, cast once, after checking names and shapes.
+
+    Parameters are replaced rather than copied into, so a memory-mapped CPU shard in the target
+    dtype becomes the model's storage without a second copy, and a model built on the meta
+    device gets real weights. Weights move one layer at a time: a lazily read `state_dict` then
+    never has more than a layer in flight. Each tensor that had to be copied is passed to
+    `release`, so its pages need not stay in memory.
+    """
+    expected = model.state_dict()
+    check_weight_names((key for key in state_dict if key not in IGNORED_KEYS), expected, "checkpoint", "params.json")
+    for layer, keys in by_layer(expected):
+        part = {}
+        for key in keys:
+            tensor = state_dict[key]
+            if tensor.shape != expected[key].shape:
+                raise ValueError(
+                    f"weight {key} has shape {tuple(tensor.shape)} but params.json implies "
+                    f"{tuple(expected[key].shape)} for this model-parallel rank"
+                )
+            part[key] = tensor.to(device=runtime.device, dtype=runtime.dtype)
+            if release is not None and part[key] is not tensor:
+                release(tensor)
+        model.load_state_dict(part, assign=True, strict=False)
+        if layer is not None and progress is not None:
+            progress.advance()
+
+
+def check_vocabulary(tokenizer: Tokenizer, args: ModelArgs) -> None:
+    """A tokenizer that does not match the embedding would silently produce garbage."""
+    if args.vocab_size != tokenizer.n_words:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.n_words} tokens but the checkpoint's embedding has "
+            f"{args.vocab_size} rows: use the tokenizer.model that was distributed with these weights"
+        )
+
+
+def load_model(
+    ckpt_dir: str | Path,
+    tokenizer: Tokenizer,
+    runtime: Runtime,
+    max_seq_len: int,
+    max_batch_size: int,
+    available: int | None = None,
+    show_progress: bool | None = None,
+) -> Transformer:
+    """This rank's part of the model, on the runtime's device and in its dtype, with its KV cache.
+
+    Any shard count loads on any model-parallel size: each rank reads just its rows or columns
+    from the memory-mapped shards, after checking that its share and KV cache fit the device
+    (`available` bytes; by default what the device reports free).
+    """
+    checkpoint = open_checkpoint(ckpt_dir)
+    if checkpoint.unknown_params and is_main_process():
+        warnings.warn(
+            f"{checkpoint.folder / 'params.json'}: ignoring unknown key(s) {', '.join(checkpoint.unknown_params)}",
+            stacklevel=3,
+        )
+    args = replace(checkpoint.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    check_vocabulary(tokenizer, args)
+    world, rank = fs_init.get_model_parallel_world_size(), fs_init.get_model_parallel_rank()
+    check_model_parallel_size(args, world)
+    check_memory(args, world, runtime, available_memory(runtime.device) if available is None else available)
+
+    with torch.device("meta"):
+        model = Transformer(args, world)
+    progress = Progress("loading weights", args.n_layers, "layers", num_parameters(args) // world, show_progress)
+    load_weights(model, RankWeights(checkpoint, rank, world), runtime, progress, release=checkpoint.release)
+    model.requires_grad_(False)
+    model.setup_caches()
+    return model

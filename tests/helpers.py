@@ -1,0 +1,110 @@
+"""What tests share besides fixtures: small model shapes, random checkpoints, and running commands."""
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from llama.bench import random_state_dict
+from llama.checkpoint import save_checkpoint
+from llama.model import ModelArgs, weight_layout
+
+ROOT = Path(__file__).parent.parent
+
+# Plain multi-head attention, and grouped-query attention with a non-default FFN width.
+MULTI_HEAD = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
+GROUPED_QUERY = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "multiple_of": 16,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-6,
+    "rope_theta": 500000.0,
+    "vocab_size": -1,
+}
+
+
+# Prompts of three different lengths, for the test tokenizer.
+PROMPTS = ["The cat", "A dog sat on the mat and the sun", "Red"]
+
+
+def prompt_ids(tokenizer, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    return [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+
+def model_args(params: dict, vocab_size: int) -> ModelArgs:
+    return ModelArgs.from_params({**params, "vocab_size": vocab_size})[0]
+
+
+def split_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs, parts: int) -> list[dict]:
+    """Cut a one-shard state dict into `parts` model-parallel shards, as ranks hold them."""
+    layout = weight_layout(args)
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    for key, tensor in state_dict.items():
+        split = layout[key]
+        for rank, shard in enumerate(shards):
+            if split.dim is None:
+                shard[key] = tensor.clone()
+            else:
+                start, stop = split.part(rank, parts)
+                shard[key] = tensor.narrow(split.dim, start, stop - start).clone()
+    return shards
+
+
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Join model-parallel shards (at most one per KV head) back into one state dict."""
+    layout = weight_layout(args)
+    return {
+        key: tensor if layout[key].dim is None else torch.cat([shard[key] for shard in shards], dim=layout[key].dim)
+        for key, tensor in shards[0].items()
+    }
+
+
+def write_checkpoint(
+    folder: Path, params: dict, vocab_size: int, n_shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random checkpoint in Meta's layout; the same seed gives the same weights for any shard count."""
+    args = model_args(params, vocab_size)
+    state_dict = random_state_dict(args, seed, dtype)
+    shards = [state_dict] if n_shards == 1 else split_state_dict(state_dict, args, n_shards)
+    save_checkpoint(folder, shards, params)
+    return folder
+
+
+def build(ckpt_dir: Path, tokenizer_path: str, **kwargs):
+    """A small generator on the CPU, as users build one."""
+    from llama import Llama
+
+    return Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", **kwargs)
+
+
+TOKENS = torch.tensor([[1, 5, 9, 13, 20, 30, 41]])
+
+
+def logits_of(folder: Path, tokenizer_path: str | Path) -> torch.Tensor:
+    """The logits a generator built from the folder gives for TOKENS."""
+    return build(folder, str(tokenizer_path)).model(TOKENS, 0)
+
+
+def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def environment() -> dict[str, str]:
+    """For commands run as users run them: this checkout importable, one thread per process, loopback."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
