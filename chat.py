@@ -2,11 +2,13 @@
 
 Answers are printed as they are generated. /reset starts a new dialog (the system prompt stays),
 /exit or end of input (Ctrl-D) quits, Ctrl-C stops the answer being written (at the prompt, it
-clears the line). Under torchrun, rank 0 reads the terminal and sends each line to the other ranks,
-which generate the same answer in lockstep; only rank 0 prints.
+clears the line). The prompt line has readline's editing and history. Under torchrun, rank 0
+reads the terminal and sends each line to the other ranks, which generate the same answer in
+lockstep; only rank 0 prints.
 """
 
 import os
+import readline
 import signal
 import sys
 import termios
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from llama import Llama
-from llama.cli import DEMO_MODEL_DIR, run_script
+from llama.cli import DEMO_MODEL_DIR, printable, run_script
 from llama.runtime import is_main_process
 from llama.session import ChatSession
 
@@ -40,12 +42,13 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
     compile: bool = False,
+    verify: bool = False,
 ):
     """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's.
 
     max_gen_len (default: a quarter of max_seq_len) is the room each answer gets in the window.
     --compile compiles the decode step before the first answer (tens of seconds): on a CPU, answers
-    then come about twice as fast.
+    then come about twice as fast. --verify checks the checkpoint against its checklist.chk first.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -55,8 +58,15 @@ def main(
         device=device,
         dtype=dtype,
         compile=compile,
+        verify=verify,
     )
     chat = ChatSession(generator, None if system is None else str(system), max_gen_len, temperature, top_p)
+    if is_main_process():
+        setup_terminal()
+    if compile:
+        say("compiling the decode step (tens of seconds)...")
+        # One step of a prompt no dialog starts with, so the first turn's prefill is not shortened.
+        generator.generate([[generator.tokenizer.eos_id]], max_gen_len=2, temperature=0)
     group = dist.new_group(backend="gloo", timeout=INPUT_TIMEOUT) if dist.get_world_size() > 1 else None
     keys = Keys()
     say(HELP)
@@ -91,14 +101,33 @@ def read_line(group: dist.ProcessGroup | None) -> str | None:
     return line[0]
 
 
+def setup_terminal() -> None:
+    """Lines that are not UTF-8 reach the chat, which refuses them with a message, instead of ending
+    it. readline gives the prompt editing and history; Ctrl-C clears the line (see Keys)."""
+    sys.stdin.reconfigure(errors="surrogateescape")
+    if not sys.stdin.isatty():
+        return
+    readline.parse_and_bind(r'"\C-c": unix-line-discard')
+    readline.parse_and_bind("set enable-bracketed-paste off")  # no escape codes around each prompt
+
+    def keys_not_signals() -> None:
+        # readline turns the terminal's signal keys back on while it reads; Ctrl-C must stay a key.
+        mode = termios.tcgetattr(sys.stdin.fileno())
+        mode[3] &= ~termios.ISIG
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
+
+    readline.set_pre_input_hook(keys_not_signals)
+
+
 def prompt() -> str | None:
+    """A line from the user; bytes that are not UTF-8 come through as such (the chat refuses them)."""
     try:
         line = input("User: ")
     except EOFError:
         print()
         return None
     if not sys.stdin.isatty():
-        print(line)  # so that a piped session reads like a conversation
+        print(printable(line))  # so that a piped session reads like a conversation
     return line
 
 
@@ -107,7 +136,7 @@ def print_answer(answer: Iterator[str], group: dist.ProcessGroup | None, keys: "
     with keys.answering() as pressed:
         say("Assistant: ", end="")
         for delta in answer:
-            say(delta, end="")
+            say(printable(delta), end="")
             if stop_everywhere(pressed(), group):
                 say(" [stopped]", end="")
                 break
@@ -127,9 +156,9 @@ class Keys:
     """Rank 0's terminal, set up so that Ctrl-C arrives as a key rather than as SIGINT.
 
     Under torchrun the terminal's SIGINT goes to torchrun, which ends every rank; a key reaches
-    rank 0 alone, which tells the others. At the prompt Ctrl-C clears the line (taking the place of
-    Ctrl-U); while an answer streams it stops the answer, and other keys are ignored. On other
-    ranks, or with input from a pipe, nothing changes.
+    rank 0 alone, which tells the others. At the prompt Ctrl-C clears the line (readline's binding,
+    see setup_terminal); while an answer streams it stops the answer, and other keys are ignored.
+    On other ranks, or with input from a pipe, nothing changes.
     """
 
     def __init__(self):
@@ -142,7 +171,6 @@ class Keys:
             return
         mode = termios.tcgetattr(self.fd)
         mode[3] &= ~termios.ISIG
-        mode[6][termios.VKILL] = CTRL_C
         # torchrun stops the ranks with SIGTERM: leave through `finally`, which restores the terminal.
         on_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:

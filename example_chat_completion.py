@@ -1,7 +1,7 @@
 """Answer a few dialogs; run with `torchrun --nproc_per_node MP example_chat_completion.py --ckpt_dir ...`."""
 
 from llama import Dialog, Llama
-from llama.cli import DEMO_MODEL_DIR, run_script
+from llama.cli import DEMO_MODEL_DIR, printable, run_script
 from llama.runtime import is_main_process
 
 
@@ -15,8 +15,12 @@ def main(
     max_gen_len: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    verify: bool = False,
 ):
-    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's."""
+    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's.
+
+    --verify checks the checkpoint against its checklist.chk before loading it.
+    """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -24,6 +28,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        verify=verify,
     )
     dialogs: list[Dialog] = [
         [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -65,7 +70,7 @@ def main(
         for dialog, result in zip(dialogs, results):
             for message in dialog:
                 print(f"{message['role'].capitalize()}: {message['content']}\n")
-            print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+            print(f"> {result['generation']['role'].capitalize()}: {printable(result['generation']['content'])}")
             print("\n==================================\n")
 
 

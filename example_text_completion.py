@@ -1,7 +1,7 @@
 """Complete a few prompts; run with `torchrun --nproc_per_node MP example_text_completion.py --ckpt_dir ...`."""
 
 from llama import Llama
-from llama.cli import DEMO_MODEL_DIR, run_script
+from llama.cli import DEMO_MODEL_DIR, printable, run_script
 from llama.runtime import is_main_process
 
 
@@ -15,8 +15,12 @@ def main(
     max_batch_size: int = 4,
     device: str | None = None,
     dtype: str | None = None,
+    verify: bool = False,
 ):
-    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's."""
+    """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's.
+
+    --verify checks the checkpoint against its checklist.chk before loading it.
+    """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -24,6 +28,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        verify=verify,
     )
     prompts = [
         # Plain continuations.
@@ -46,7 +51,7 @@ def main(
     if is_main_process():
         for prompt, result in zip(prompts, results):
             print(prompt)
-            print(f"> {result['generation']}")
+            print(f"> {printable(result['generation'])}")
             print("\n==================================\n")
 
 

@@ -13,6 +13,7 @@ results are printed as a table and, with --json FILE, appended as JSON lines.
 import json
 import multiprocessing
 import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,15 +21,17 @@ from types import SimpleNamespace
 
 import torch
 
-from llama.checkpoint import save_checkpoint
+from llama.checkpoint import new_folder, save_checkpoint
 from llama.cli import run_script
 from llama.generation import Llama
 from llama.loading import load_model
+from llama.memory import available_memory, check_memory
 from llama.model import SHAPES, ModelArgs, Transformer, num_parameters, weight_layout
 from llama.runtime import Runtime, choose_runtime, init_model_parallel, is_main_process
 from llama.tokenizer import Tokenizer
 
 VOCAB_SIZE = 32000
+MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 8  # the KV cache every measurement fits in
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -44,9 +47,15 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
     return state_dict
 
 
+def shape_params(shape: str) -> dict:
+    return {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": VOCAB_SIZE}
+
+
 def write_random_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> None:
-    params = {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": VOCAB_SIZE}
-    save_checkpoint(folder, [random_state_dict(ModelArgs(**params), seed=0, dtype=dtype)], params)
+    params = shape_params(shape)
+    args = ModelArgs(**params)
+    with new_folder(folder, None, num_parameters(args) * dtype.itemsize) as partial:
+        save_checkpoint(partial, [random_state_dict(args, seed=0, dtype=dtype)], params)
 
 
 def random_checkpoint(shape: str, work_dir: Path, dtype: torch.dtype) -> Path:
@@ -58,7 +67,20 @@ def random_checkpoint(shape: str, work_dir: Path, dtype: torch.dtype) -> Path:
         )
         child.start()
         child.join()
+        if child.exitcode != 0:
+            raise ValueError(f"could not write the random {shape} checkpoint to {str(folder)!r} (see above)")
     return folder
+
+
+class Steps:
+    """Which measurement is running, and for how long the benchmark has run, on stderr (rank 0)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        if is_main_process():
+            print(f"bench: {what} ({time.perf_counter() - self.start:.0f} s)", file=sys.stderr, flush=True)
 
 
 def rss_bytes() -> int:
@@ -140,10 +162,17 @@ def reference_generate(generator: Llama, prompt_tokens: list[list[int]], max_gen
 
 
 def generation_time(generator: Llama, prompts: list[list[int]], new_tokens: int, device: torch.device) -> float:
-    return best_time(lambda: generator.generate(prompts, max_gen_len=new_tokens, temperature=0), device)
+    """The best time to generate exactly new_tokens per prompt (the benchmark's tokenizer has no EOS)."""
+
+    def run() -> None:
+        tokens, _ = generator.generate(prompts, max_gen_len=new_tokens, temperature=0)
+        if any(len(t) != new_tokens for t in tokens):
+            raise RuntimeError("a benchmark run generated fewer tokens than it times")
+
+    return best_time(run, device)
 
 
-def measure(generator: Llama, runtime: Runtime, prompt_len: int, new_tokens: int) -> dict[str, float]:
+def measure(generator: Llama, runtime: Runtime, prompt_len: int, new_tokens: int, step: Steps) -> dict[str, float]:
     """Time to first token, prefill and decode rates, and the mixed-length batch against Meta's loop.
 
     A shared machine's limits drift within minutes, so each is measured just before the rate it bounds.
@@ -152,18 +181,21 @@ def measure(generator: Llama, runtime: Runtime, prompt_len: int, new_tokens: int
     vocab_size = generator.model.params.vocab_size
     one = random_prompts(1, [prompt_len], vocab_size)
     eight = random_prompts(8, [prompt_len], vocab_size)
+    step("matrix-multiply throughput")
     result = {"matmul_flops_per_s": matmul_flops(device, runtime.dtype)}
+    step("prefill")
     first_token = generation_time(generator, one, 1, device)
-    result |= {
-        "time_to_first_token_s": first_token,
-        "prefill_tokens_per_s": prompt_len / first_token,
-        "bandwidth_bytes_per_s": memory_bandwidth(device),
-    }
+    result |= {"time_to_first_token_s": first_token, "prefill_tokens_per_s": prompt_len / first_token}
+    step("memory bandwidth")
+    result["bandwidth_bytes_per_s"] = memory_bandwidth(device)
+    step("decode, batch 1")
     decode_1 = generation_time(generator, one, new_tokens, device) - first_token
     result["decode_tokens_per_s_batch_1"] = (new_tokens - 1) / decode_1
+    step("decode, batch 8")
     first_token_8 = generation_time(generator, eight, 1, device)
     decode_8 = generation_time(generator, eight, new_tokens, device) - first_token_8
     result["decode_tokens_per_s_batch_8"] = 8 * (new_tokens - 1) / decode_8
+    step("mixed batch of 8, ours and Meta's loop")
     mixed = random_prompts(8, [16, 256, 48, 200, 96, 128, 32, 160], vocab_size)
     result["mixed_batch_s"] = generation_time(generator, mixed, 64, device)
     result["mixed_batch_reference_loop_s"] = best_time(lambda: reference_generate(generator, mixed, 64), device)
@@ -175,11 +207,12 @@ def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime, compile: 
     init_model_parallel(runtime, 1)
     if tokenizer_path is not None:
         tokenizer = Tokenizer(tokenizer_path)
-    else:  # random weights: token ids only, and no EOS so every run generates the full length
+        tokenizer.eos_id = -1  # a benchmark times a fixed number of tokens: EOS must not end a run
+    else:  # random weights: token ids only
         tokenizer = SimpleNamespace(n_words=VOCAB_SIZE, bos_id=1, eos_id=-1, pad_id=-1)
     baseline = rss_bytes()
     start = time.perf_counter()
-    model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len=512, max_batch_size=8)
+    model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE)
     synchronize(runtime.device)
     loaded = {"load_s": time.perf_counter() - start, "load_peak_rss_bytes": peak_rss_bytes() - baseline}
     loaded["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -205,20 +238,31 @@ def main(
 ) -> None:
     if (shape is None) == (ckpt_dir is None):
         raise ValueError(f"give either --shape ({', '.join(SHAPES)}) or --ckpt_dir")
+    if compare not in (None, "hf"):
+        raise ValueError(f"unknown --compare {compare!r}: the one supported peer is 'hf'")
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 256:
+            raise ValueError(f"--{name} must be a whole number from 2 to 256, got {value!r}")
     runtime = choose_runtime(device, dtype)
+    step = Steps()
     if shape is not None:
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+        # Before anything is written: would the model fit this machine?
+        args = ModelArgs(**shape_params(shape), max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE)
+        check_memory(args, 1, runtime, available_memory(runtime.device))
+        step(f"writing the random {shape} checkpoint (once)")
         folder = random_checkpoint(shape, Path(work_dir).expanduser(), runtime.dtype)
     else:
         folder = Path(ckpt_dir)
         if tokenizer_path is None:
             tokenizer_path = str(folder / "tokenizer.model")
+    step("loading")
     generator, report = load(folder, tokenizer_path, runtime, compile)
     args = generator.model.params
     report |= {"model": shape or str(ckpt_dir), "device": str(runtime.device), "dtype": str(runtime.dtype)}
     report["compile"] = compile
-    report |= measure(generator, runtime, prompt_len, new_tokens)
+    report |= measure(generator, runtime, prompt_len, new_tokens, step)
     bandwidth, flops = report["bandwidth_bytes_per_s"], report["matmul_flops_per_s"]
     report["decode_bound_tokens_per_s"] = bandwidth / weight_bytes_per_token(generator.model)
     report["decode_of_bound"] = report["decode_tokens_per_s_batch_1"] / report["decode_bound_tokens_per_s"]
@@ -226,13 +270,12 @@ def main(
     report["prefill_of_bound"] = report["prefill_tokens_per_s"] / report["prefill_bound_tokens_per_s"]
     report["mixed_batch_speedup"] = report["mixed_batch_reference_loop_s"] / report["mixed_batch_s"]
     if compare == "hf":
+        step("HF transformers on the same weights")
         report |= measure_hf(
             hugging_face_model(generator, runtime), runtime.device, prompt_len, new_tokens, args.vocab_size
         )
         report["decode_vs_hf"] = report["decode_tokens_per_s_batch_1"] / report["hf_decode_tokens_per_s_batch_1"]
         report["prefill_vs_hf"] = report["prefill_tokens_per_s"] / report["hf_prefill_tokens_per_s"]
-    elif compare is not None:
-        raise ValueError(f"unknown --compare {compare!r}: the one supported peer is 'hf'")
     if is_main_process():
         print_table(report)
         if json_path is not None:
@@ -242,13 +285,16 @@ def main(
 
 def hugging_face_model(generator: Llama, runtime: Runtime):
     """transformers' LlamaForCausalLM holding the same weights, converted by llama.convert's rules."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from llama.hf import ROTARY_WEIGHTS, config_from_args, hf_name, interleaved_to_halves
 
+    transformers.logging.set_verbosity_error()
     model, args = generator.model, generator.model.params
-    config = LlamaConfig(**config_from_args(args, runtime.dtype, generator.tokenizer))
-    hf_model = LlamaForCausalLM(config).to(device=runtime.device, dtype=runtime.dtype).eval()
+    # The benchmark's tokenizer has no EOS (-1), which transformers would warn about on every call.
+    config = {**config_from_args(args, runtime.dtype, generator.tokenizer), "eos_token_id": None}
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    hf_model = hf_model.to(device=runtime.device, dtype=runtime.dtype).eval()
     weights = {}
     for key, tensor in model.state_dict().items():
         if key.endswith(ROTARY_WEIGHTS):
@@ -275,6 +321,13 @@ def measure_hf(hf_model, device: torch.device, prompt_len: int, new_tokens: int,
     }
 
 
+def of_bound(fraction: float) -> str:
+    """A rate as a share of the machine's bound; above it, the measurement itself went wrong."""
+    if fraction > 1:
+        return f"{fraction:.0%} of bound: above what the machine allows, so a measurement problem (rerun it)"
+    return f"{fraction:.0%} of bound"
+
+
 def print_table(r: dict) -> None:
     rows = [
         ("model", r["model"], ""),
@@ -284,8 +337,8 @@ def print_table(r: dict) -> None:
         ("load", f"{r['load_s']:.2f} s", f"peak RSS +{r['load_peak_rss_bytes'] / 1e6:.0f} MB"),
         ("", "", f"= KV cache {r['kv_cache_bytes'] / 1e6:.0f} MB + {r['load_peak_rss_over_weights']:.2f}x weights"),
         ("time to first token", f"{r['time_to_first_token_s'] * 1e3:.1f} ms", ""),
-        ("prefill", f"{r['prefill_tokens_per_s']:.0f} tok/s", f"{r['prefill_of_bound']:.0%} of bound"),
-        ("decode, batch 1", f"{r['decode_tokens_per_s_batch_1']:.1f} tok/s", f"{r['decode_of_bound']:.0%} of bound"),
+        ("prefill", f"{r['prefill_tokens_per_s']:.0f} tok/s", of_bound(r["prefill_of_bound"])),
+        ("decode, batch 1", f"{r['decode_tokens_per_s_batch_1']:.1f} tok/s", of_bound(r["decode_of_bound"])),
         ("decode, batch 8", f"{r['decode_tokens_per_s_batch_8']:.1f} tok/s", ""),
         ("mixed batch of 8", f"{r['mixed_batch_s']:.2f} s", f"{r['mixed_batch_speedup']:.1f}x Meta's loop"),
         (

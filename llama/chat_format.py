@@ -3,6 +3,8 @@
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol, TypedDict, TypeVar
 
+from llama.tokenizer import check_unicode
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -33,6 +35,7 @@ def check_dialog(dialog: Dialog, index: int = 0) -> None:
     for j, message in enumerate(dialog):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
             raise ValueError(f"{where}, message {j}: expected {{'role': ..., 'content': str}}, got {message!r}")
+        check_unicode(message["content"], f"{where}, message {j}")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not turns:
         raise ValueError(f"{where} has only a system message: add a user message after it")
@@ -57,6 +60,10 @@ def refused_dialogs(dialogs: list[Dialog]) -> list[bool]:
 
     Refused dialogs are answered with UNSAFE_ERROR and never reach the model.
     """
+    if not isinstance(dialogs, list | tuple):
+        raise TypeError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
+    if dialogs and isinstance(dialogs[0], dict):
+        raise TypeError("dialogs must be a list of dialogs, each a list of messages; this is one dialog: pass [dialog]")
     if len(dialogs) == 0:
         raise ValueError("no dialogs given: pass at least one dialog")
     for i, dialog in enumerate(dialogs):

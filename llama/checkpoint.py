@@ -7,12 +7,17 @@ for any process count, merging or cutting shards as it goes; Hugging Face's layo
 serves the same `Checkpoint` interface. Both validate names and shapes when they are opened.
 """
 
+import contextlib
 import ctypes
+import errno
 import hashlib
 import itertools
 import json
+import math
 import mmap
+import os
 import pickle
+import shutil
 import sys
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -21,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from llama.memory import format_bytes
 from llama.model import ModelArgs, weight_layout
 from llama.parallel import Split
 from llama.runtime import is_main_process
@@ -29,6 +35,8 @@ from llama.runtime import is_main_process
 IGNORED_KEYS = {"rope.freqs"}
 
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
+
+DAMAGED = "is not a valid checkpoint file: it is corrupt or an incomplete download; download it again"
 
 # Reading or writing this many parameters takes long enough to deserve progress lines.
 PROGRESS_MIN_PARAMETERS = 10**9
@@ -126,15 +134,19 @@ def read_params(ckpt_dir: str | Path) -> dict[str, Any]:
 
 def load_shard(path: Path, mapped: bool) -> dict[str, torch.Tensor]:
     """Memory-map one shard (read it whole if not mapped); it is untrusted, so only tensors may be unpickled."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty (0 bytes): its download did not finish; download it again")
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=mapped, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint: it holds objects other than tensors, "
-            "which could run code when loaded, so it was refused"
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({err}); download it again") from err
+        if "Unsupported global" in str(err):  # a pickle that names a function to call
+            raise ValueError(
+                f"{str(path)!r} is not a readable PyTorch checkpoint: it holds objects other than tensors, "
+                "which could run code when loaded, so it was refused"
+            ) from err
+        raise ValueError(f"{str(path)!r} {DAMAGED}") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{str(path)!r} {DAMAGED}") from err
     if not isinstance(state_dict, dict):
         raise ValueError(f"{str(path)!r} holds a {type(state_dict).__name__}, not a dictionary of weights")
     return state_dict
@@ -151,7 +163,7 @@ class MetaCheckpoint:
         self.folder = Path(folder)
         self.paths = find_shards(folder)
         self.params = read_params(folder)
-        self.args, self.unknown_params = ModelArgs.from_params(self.params)
+        self.args, self.unknown_params = ModelArgs.from_params(self.params, repr(str(self.folder / "params.json")))
         # Files written by torch < 1.6 are not zip archives and cannot be memory-mapped.
         mappable = [zipfile.is_zipfile(path) for path in self.paths]
         self.shards = [load_shard(path, mapped) for path, mapped in zip(self.paths, mappable)]
@@ -241,6 +253,36 @@ def address_range(shard: dict[str, torch.Tensor]) -> tuple[int, int]:
     return min(s.data_ptr() for s in storages), max(s.data_ptr() + s.nbytes() for s in storages)
 
 
+def verify(folder: str | Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Check the files checklist.chk lists against their md5 sums; return their names.
+
+    Damaged tensor data can load and then give NaN or nonsense, so this is worth running on a
+    new download. Rank r of `world` checks every world-th file, so a group shares the reading.
+    """
+    folder = Path(folder)
+    checklist = folder / "checklist.chk"
+    if not checklist.is_file():
+        raise FileNotFoundError(
+            f"no checklist.chk in {str(folder)!r}: nothing to verify against (Meta's folders have one, "
+            "Hugging Face's do not)"
+        )
+    lines = [line.split(maxsplit=1) for line in checklist.read_text().splitlines() if line.strip()]
+    if not lines or any(len(line) != 2 for line in lines):
+        raise ValueError(f"{str(checklist)!r} is not a list of 'md5sum  file' lines: download it again")
+    entries = [(digest.lower(), name.strip().lstrip("*")) for digest, name in lines]  # "*": md5sum's binary mode
+    problems = []
+    for digest, name in entries[rank::world]:
+        if not (folder / name).is_file():
+            problems.append(f"{name} is missing")
+        elif md5sum(folder / name) != digest:
+            problems.append(f"{name} does not match its md5 sum")
+    if problems:
+        raise ValueError(
+            f"{str(folder)!r}: {'; '.join(problems)}: the files are damaged or incomplete; download them again"
+        )
+    return [name for _, name in entries]
+
+
 def md5sum(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
@@ -274,12 +316,62 @@ def save_checkpoint(folder: str | Path, shards: Iterable[dict[str, torch.Tensor]
     (folder / "checklist.chk").write_text(checklist)
 
 
-def new_folder(dst: str | Path, src: str | Path) -> Path:
-    """An empty output folder, so no stale shard from an earlier run is left beside the new ones."""
+def written_bytes(checkpoint: Checkpoint, world: int) -> int:
+    """About what a copy of the checkpoint cut for `world` ranks takes on disk (KV copies included)."""
+    itemsize = checkpoint.read("norm.weight", 0, 1).element_size()
+    per_rank = sum(math.prod(split.part_shape(world)) for split in checkpoint.layout.values())
+    tokenizer = checkpoint.folder / "tokenizer.model"
+    return world * per_rank * itemsize + (tokenizer.stat().st_size if tokenizer.is_file() else 0) + (1 << 20)
+
+
+@contextlib.contextmanager
+def new_folder(dst: str | Path, src: str | Path | None, needed_bytes: int) -> Iterator[Path]:
+    """A folder to write a checkpoint into, that appears as dst only once all of it is written.
+
+    The files go into a hidden sibling, .NAME.partial, renamed to dst at the end. A run that fails
+    or is interrupted removes it; one killed outright leaves only that hidden folder, which the
+    next run replaces. Free space is checked first, and a full or read-only disk is named.
+    """
     dst = Path(dst)
-    if dst.resolve() == Path(src).resolve():
+    if src is not None and dst.resolve() == Path(src).resolve():
         raise ValueError(f"the output folder {str(dst)!r} is the input folder: choose a new one")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"{str(dst)!r} already exists and is not an empty folder: choose a new one")
-    dst.mkdir(parents=True, exist_ok=True)
-    return dst
+    partial = dst.parent / f".{dst.name}.partial"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        free = shutil.disk_usage(partial).free
+        if needed_bytes > free:
+            raise OSError(errno.ENOSPC, "no space")
+        yield partial
+        if dst.exists():
+            dst.rmdir()  # empty, as checked
+        partial.rename(dst)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        problem = write_problem(dst, err, needed_bytes)  # before the partial files go: a full disk still shows
+        shutil.rmtree(partial, ignore_errors=True)
+        if problem is None:
+            raise
+        raise ValueError(problem) from err
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def write_problem(dst: Path, err: Exception, needed_bytes: int) -> str | None:
+    """A failed write in words, or None if err is not one."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write to {str(dst)!r}: {os.strerror(code).lower()}; choose another folder"
+    try:
+        free = shutil.disk_usage(dst.parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (isinstance(err, RuntimeError) and free is not None and free < needed_bytes):
+        has = "an unknown amount" if free is None else format_bytes(free)
+        return f"no space left on {str(dst)!r}: the checkpoint needs {format_bytes(needed_bytes)}, the disk has {has}"
+    if isinstance(err, OSError):
+        return f"cannot write to {str(dst)!r}: {err.strerror or err}"
+    return None

@@ -13,7 +13,7 @@ import math
 import shutil
 from pathlib import Path
 
-from llama.checkpoint import Progress, by_layer, new_folder
+from llama.checkpoint import Progress, by_layer, new_folder, written_bytes
 from llama.cli import run_script
 from llama.hf import (
     INDEX_FILE,
@@ -64,7 +64,6 @@ def to_hugging_face(
     tokenizer_path = find_tokenizer(checkpoint.folder, tokenizer_path)
     tokenizer = Tokenizer(str(tokenizer_path))
     check_vocabulary(tokenizer, args)
-    dst = new_folder(dst, src)
     shapes = {key: split.shape for key, split in checkpoint.layout.items()}
     dtype = checkpoint.read("norm.weight", 0, 1).dtype
     files = plan_files(shapes, dtype.itemsize, max_file_bytes)
@@ -73,28 +72,29 @@ def to_hugging_face(
     n_parameters = num_parameters(args)
     progress = Progress("writing Hugging Face weights", args.n_layers, "layers", n_parameters, show_progress)
     weight_map = {}
-    for name, keys in zip(names, files):
-        # Opened afresh for each file, so the pages mapped while writing one are let go before the next.
-        source, tensors = open_checkpoint(src), {}
-        for layer, layer_keys in by_layer(keys):
-            for key in layer_keys:
-                tensor = source.read(key, 0, 1)
-                if key.endswith(ROTARY_WEIGHTS):
-                    tensor = interleaved_to_halves(tensor, args.head_dim)
-                tensors[hf_name(key)] = tensor.contiguous()
-            if layer is not None:
-                progress.advance()
-        save_safetensors(tensors, dst / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-    if len(names) > 1:
-        index = {
-            "metadata": {"total_size": n_parameters * dtype.itemsize},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (dst / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (dst / "config.json").write_text(json.dumps(config_from_args(args, dtype, tokenizer), indent=2) + "\n")
-    (dst / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer), indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
+    with new_folder(dst, src, written_bytes(checkpoint, 1)) as folder:
+        for name, keys in zip(names, files):
+            # Opened afresh for each file, so the pages mapped while writing one are let go before the next.
+            source, tensors = open_checkpoint(src), {}
+            for layer, layer_keys in by_layer(keys):
+                for key in layer_keys:
+                    tensor = source.read(key, 0, 1)
+                    if key.endswith(ROTARY_WEIGHTS):
+                        tensor = interleaved_to_halves(tensor, args.head_dim)
+                    tensors[hf_name(key)] = tensor.contiguous()
+                if layer is not None:
+                    progress.advance()
+            save_safetensors(tensors, folder / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        if len(names) > 1:
+            index = {
+                "metadata": {"total_size": n_parameters * dtype.itemsize},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps(config_from_args(args, dtype, tokenizer), indent=2) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer), indent=2) + "\n")
+        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
 
 
 def main(

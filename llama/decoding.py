@@ -8,6 +8,7 @@ start together: every row decodes at its own position.
 """
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -51,8 +52,26 @@ def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | list[
     return model.logits(model.hidden_states(tokens.unsqueeze(1), start_pos)[:, -1])
 
 
-def check_prompts(prompt_tokens: list[list[int]], max_batch_size: int, max_seq_len: int) -> None:
-    """Reject batches the pre-allocated cache cannot hold, before any work is done."""
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """temperature: a number >= 0 (0 is greedy); top_p: the nucleus's probability mass, in (0, 1]."""
+    if not is_number(temperature):
+        raise TypeError(f"temperature must be a number (0 for greedy), got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be 0 (greedy) or more, and finite, got {temperature!r}")
+    if not is_number(top_p):
+        raise TypeError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def check_prompts(prompt_tokens: list[list[int]], max_batch_size: int, max_seq_len: int, vocab_size: int) -> None:
+    """Reject batches the pre-allocated cache cannot hold, and ids the model has no embedding for."""
+    if not isinstance(prompt_tokens, list | tuple) or not all(isinstance(t, list | tuple) for t in prompt_tokens):
+        raise TypeError("prompt_tokens must be a list of prompts, each a list of token ids: e.g. [[1, 450, 7483]]")
     if len(prompt_tokens) == 0:
         raise ValueError("no prompts given: pass at least one prompt")
     if len(prompt_tokens) > max_batch_size:
@@ -68,6 +87,24 @@ def check_prompts(prompt_tokens: list[list[int]], max_batch_size: int, max_seq_l
                 f"prompt {i} is {len(tokens)} tokens long but max_seq_len is {max_seq_len}: "
                 "shorten the prompt or build with a larger max_seq_len"
             )
+        bad = next(
+            (t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None
+        )
+        if bad is not None:
+            raise ValueError(
+                f"prompt {i} holds {bad!r}, which is not a token id of this model's vocabulary (integers 0 to "
+                f"{vocab_size - 1}): encode text with the model's own tokenizer"
+            )
+
+
+def check_finite(logits: torch.Tensor) -> torch.Tensor:
+    """Logits a model with sound weights gives; NaN or infinite ones would be sampled as nonsense."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            "the model's logits are NaN or infinite: its weights may be corrupt (check them with "
+            "python -m llama.verify CKPT_DIR), or fp16 overflowed (use --dtype bfloat16 or float32)"
+        )
+    return logits
 
 
 class Sequence:
@@ -164,10 +201,13 @@ class Decoder:
 
         With stop (a list, maybe empty), each sequence also streams its text, cut before those strings.
         """
-        max_seq_len = self.model.params.max_seq_len
-        check_prompts(prompt_tokens, self.model.params.max_batch_size, max_seq_len)
+        params = self.model.params
+        check_prompts(prompt_tokens, params.max_batch_size, params.max_seq_len, params.vocab_size)
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool):
+            raise TypeError(f"max_gen_len must be a whole number of tokens, got {max_gen_len!r}")
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        max_seq_len = params.max_seq_len
         return [
             Sequence(
                 tokens,
@@ -200,13 +240,13 @@ class Decoder:
         rows = torch.arange(bsz, device=self.device)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         if not logprobs:
-            return self.model.logits(h[rows, last])
+            return check_finite(self.model.logits(h[rows, last]))
         logits = self.model.logits(h)
         prompt_logprobs = torch.zeros((bsz, longest), device=self.device)
         prompt_logprobs[:, 1:] = token_logprobs(logits[:, :-1], tokens[:, 1:])
         for sequence, values in zip(sequences, prompt_logprobs.tolist()):
             sequence.prompt_logprobs = values[: len(sequence.prompt)]
-        return logits[rows, last]
+        return check_finite(logits[rows, last])
 
     @torch.inference_mode()
     def run(

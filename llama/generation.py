@@ -17,7 +17,7 @@ from llama.chat_format import (
     with_refusals,
 )
 from llama.compile import compile_decode_step
-from llama.decoding import Decoder, decode_step
+from llama.decoding import Decoder, check_sampling, decode_step
 from llama.loading import find_tokenizer, load_model
 from llama.model import Transformer
 from llama.runtime import choose_runtime, init_model_parallel, is_main_process
@@ -51,6 +51,7 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         compile: bool = False,
+        verify: bool = False,
     ) -> "Llama":
         """Load a checkpoint folder (Meta's shards or Hugging Face's safetensors) and its tokenizer.
 
@@ -58,18 +59,22 @@ class Llama:
         tokenizer.model in ckpt_dir or its parent (where download.sh puts it).
         device and dtype default to CUDA in bf16/fp16 when a GPU is present, else CPU in fp32.
         Every rank must use the same seed so that sampling picks the same tokens everywhere.
-        compile runs the decode step through torch.compile (see llama.compile).
+        compile runs the decode step through torch.compile (see llama.compile); verify checks the
+        files against checklist.chk first.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        tokenizer = Tokenizer(str(find_tokenizer(ckpt_dir, tokenizer_path)))
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an integer (the same on every rank), got {seed!r}")
+        # The group first: a process that fails below then ends its connections, and its peers notice at once.
         runtime = choose_runtime(device, dtype)
         init_model_parallel(runtime, model_parallel_size)
+        tokenizer = Tokenizer(str(find_tokenizer(ckpt_dir, tokenizer_path)))
         torch.manual_seed(seed)
 
         start_time = time.time()
-        model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len, max_batch_size)
+        model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len, max_batch_size, verify=verify)
         if is_main_process():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, compile)
@@ -96,6 +101,7 @@ class Llama:
         sequence decodes at its own position, so prompts of different lengths cost no extra passes.
         With logprobs, each token's log-probability given the tokens before it (0 for the first).
         """
+        check_sampling(temperature, top_p)
         sequences = self._decoder.sequences(prompt_tokens, max_gen_len, self.tokenizer)
         for _ in self._decoder.run(sequences, temperature, top_p, logprobs):
             pass
@@ -120,6 +126,7 @@ class Llama:
         prompt), the part of the prompt that the cache still holds from the last call is not run again.
         The arguments are checked here, before the first step.
         """
+        check_sampling(temperature, top_p)
         sequences = self._decoder.sequences(prompt_tokens, max_gen_len, self.tokenizer, check_stop(stop))
         if reuse_cache and len(sequences) != 1:
             raise ValueError(f"reuse_cache works with one prompt at a time, got {len(sequences)}")
@@ -145,7 +152,7 @@ class Llama:
                 raise ValueError("stop strings cannot be combined with logprobs or echo: drop one or the other")
             stream = self.text_completion_stream(prompts, temperature, top_p, max_gen_len, stop)
             return [{"generation": text} for text in join_deltas(stream, len(prompts))]
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = self._encode_prompts(prompts)
         tokens, token_logprobs = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo
         )
@@ -163,7 +170,7 @@ class Llama:
 
         Each prompt's deltas add up to its text_completion "generation" for the same arguments (and seed).
         """
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = self._encode_prompts(prompts)
         return self.generate_stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, stop)
 
     def chat_completion(
@@ -209,6 +216,14 @@ class Llama:
         if prompt_tokens:
             answers = self.generate_stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p)
         return stream_with_refusals(refused, answers)
+
+    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [prompt] for one")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
     def _max_gen_len(self, max_gen_len: int | None) -> int:
         """None means: until EOS or the end of the context window, as in the reference."""

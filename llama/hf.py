@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llama.checkpoint import check_weight_names
-from llama.model import ModelArgs, weight_layout
+from llama.model import ModelArgs, check_params, weight_layout
 from llama.tokenizer import Tokenizer
 
 try:
@@ -53,6 +53,17 @@ LLAMA2_CONTEXT_LENGTH = 4096
 # How Meta's own params.json files round the feed-forward width (7B and 13B; 70B). Hugging Face
 # keeps only the width, so these are tried first to give those models their own params back.
 META_FFN_ROUNDING = ({"multiple_of": 256}, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3})
+
+# params.json's fields as config.json names them.
+CONFIG_NAMES = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+}
 
 REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -121,6 +132,14 @@ def params_from_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
     for field, supported in FIXED_CONFIG.items():
         if config.get(field, supported) != supported:
             refuse(field, config[field], supported)
+    check_params(
+        {ours: config[theirs] for ours, theirs in CONFIG_NAMES.items() if theirs in config},
+        repr(str(path)),
+        CONFIG_NAMES,
+    )
+    hidden = config["intermediate_size"]
+    if not (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0):
+        raise ValueError(f"{str(path)!r}: intermediate_size is {json.dumps(hidden)}, but it must be a positive integer")
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         refuse("rope_parameters.rope_type", rope["rope_type"], "default")
@@ -210,8 +229,19 @@ def find_weight_files(folder: Path) -> dict[str, Path]:
         )
     if len(paths) > 1:
         raise FileNotFoundError(f"{str(folder)!r} holds {len(paths)} safetensors files but no {INDEX_FILE}")
-    with safe_open(paths[0], framework="pt") as weights:
+    with open_safetensors(paths[0]) as weights:
         return dict.fromkeys(weights.keys(), paths[0])
+
+
+def open_safetensors(path: Path):
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty (0 bytes): its download did not finish; download it again")
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a valid safetensors file: it is corrupt or an incomplete download; download it again"
+        ) from err
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -224,17 +254,12 @@ class HuggingFaceCheckpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.params = params_from_config(read_json(self.folder / "config.json"), self.folder / "config.json")
-        self.args, self.unknown_params = ModelArgs.from_params(self.params)
+        self.args, self.unknown_params = ModelArgs.from_params(self.params, repr(str(self.folder / "config.json")))
         self.layout = weight_layout(self.args)
         self.files = find_weight_files(self.folder)
         self.handles = {}
         for path in sorted(set(self.files.values())):
-            try:
-                self.handles[path] = safe_open(path, framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise ValueError(
-                    f"{str(path)!r} is not a readable safetensors file ({err}); download it again"
-                ) from err
+            self.handles[path] = open_safetensors(path)
         self.check_weights()
 
     def check_weights(self) -> None:

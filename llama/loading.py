@@ -16,6 +16,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama.checkpoint import IGNORED_KEYS, Checkpoint, MetaCheckpoint, Progress, by_layer, check_weight_names
+from llama.checkpoint import verify as checkpoint_verify
 from llama.memory import available_memory, check_memory
 from llama.model import ModelArgs, Transformer, num_parameters
 from llama.parallel import check_model_parallel_size
@@ -27,7 +28,7 @@ def find_tokenizer(folder: str | Path, tokenizer_path: str | Path | None) -> Pat
     """The tokenizer given, else tokenizer.model in the folder or beside it (where download.sh puts it)."""
     if tokenizer_path is not None:
         return Path(tokenizer_path)
-    folder = Path(folder)
+    folder = check_folder(folder)
     for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
         if candidate.is_file():
             return candidate
@@ -37,14 +38,19 @@ def find_tokenizer(folder: str | Path, tokenizer_path: str | Path | None) -> Pat
     )
 
 
-def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
-    """Meta's layout (consolidated.NN.pth + params.json) or Hugging Face's (config.json + safetensors)."""
+def check_folder(ckpt_dir: str | Path) -> Path:
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"checkpoint folder {str(folder)!r} does not exist: pass --ckpt_dir pointing to a folder "
             "such as llama-2-7b/ that holds consolidated.00.pth and params.json"
         )
+    return folder
+
+
+def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
+    """Meta's layout (consolidated.NN.pth + params.json) or Hugging Face's (config.json + safetensors)."""
+    folder = check_folder(ckpt_dir)
     if (folder / "config.json").is_file() and not any(folder.glob("consolidated.*.pth")):
         from llama.hf import HuggingFaceCheckpoint  # safetensors, an optional dependency
 
@@ -121,14 +127,19 @@ def load_model(
     max_batch_size: int,
     available: int | None = None,
     show_progress: bool | None = None,
+    verify: bool = False,
 ) -> Transformer:
     """This rank's part of the model, on the runtime's device and in its dtype, with its KV cache.
 
     Any shard count loads on any model-parallel size: each rank reads just its rows or columns
     from the memory-mapped shards, after checking that its share and KV cache fit the device
-    (`available` bytes; by default what the device reports free).
+    (`available` bytes; by default what the device reports free). verify first checks the files
+    against checklist.chk, the ranks sharing the reading.
     """
+    world, rank = fs_init.get_model_parallel_world_size(), fs_init.get_model_parallel_rank()
     checkpoint = open_checkpoint(ckpt_dir)
+    if verify:
+        checkpoint_verify(checkpoint.folder, rank, world)
     if checkpoint.unknown_params and is_main_process():
         warnings.warn(
             f"{checkpoint.folder / 'params.json'}: ignoring unknown key(s) {', '.join(checkpoint.unknown_params)}",
@@ -136,7 +147,6 @@ def load_model(
         )
     args = replace(checkpoint.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     check_vocabulary(tokenizer, args)
-    world, rank = fs_init.get_model_parallel_world_size(), fs_init.get_model_parallel_rank()
     check_model_parallel_size(args, world)
     check_memory(args, world, runtime, available_memory(runtime.device) if available is None else available)
 

@@ -2,12 +2,12 @@
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from llama.model import ModelArgs, weight_layout
+from llama.model import ModelArgs, rotary_table, weight_layout
 from llama.parallel import model_parallel_sizes
 from llama.runtime import Runtime
 
@@ -18,10 +18,11 @@ class MemoryEstimate:
 
     weights: int  # its share of the weights, in the runtime dtype
     kv_cache: int  # its KV cache for max_batch_size sequences of max_seq_len tokens
+    rotary_table: int  # cos and sin of every position's angles, in fp32
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache
+        return self.weights + self.kv_cache + self.rotary_table
 
 
 def estimate_memory(args: ModelArgs, world: int, dtype: torch.dtype) -> MemoryEstimate:
@@ -30,7 +31,9 @@ def estimate_memory(args: ModelArgs, world: int, dtype: torch.dtype) -> MemoryEs
     weights = sum(math.prod(split.part_shape(world)) for split in layout.values())
     kv_width = layout["layers.0.attention.wk.weight"].part_shape(world)[0]  # the KV heads it holds
     kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_width
-    return MemoryEstimate(weights * dtype.itemsize, kv_cache * dtype.itemsize)
+    with torch.device("meta"):
+        rotary = rotary_table(args)  # as Transformer.setup_caches allocates it
+    return MemoryEstimate(weights * dtype.itemsize, kv_cache * dtype.itemsize, rotary.numel() * rotary.element_size())
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -61,6 +64,15 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def largest(limit: int, fits) -> int:
+    """The largest n in 1..limit for which fits(n) holds (fits is monotone), or 0 if none."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
 def check_memory(args: ModelArgs, world: int, runtime: Runtime, available: int | None) -> None:
     """Refuse, before anything is allocated, a model whose share will not fit this rank's device.
 
@@ -70,13 +82,16 @@ def check_memory(args: ModelArgs, world: int, runtime: Runtime, available: int |
     need = estimate_memory(args, world, runtime.dtype)
     if available is None or need.total <= available:
         return
+
+    def fits(**limits: int) -> bool:
+        return estimate_memory(replace(args, **limits), world, runtime.dtype).total <= available
+
     advice = []
-    room = available - need.weights
-    per_token = need.kv_cache // (args.max_batch_size * args.max_seq_len)
-    if room >= per_token * args.max_seq_len:
-        advice.append(f"max_batch_size {room // (per_token * args.max_seq_len)}")
-    elif room >= per_token:
-        advice.append(f"max_batch_size 1 with max_seq_len {room // per_token}")
+    batch = largest(args.max_batch_size - 1, lambda b: fits(max_batch_size=b))
+    if batch:
+        advice.append(f"max_batch_size {batch}")
+    elif seq_len := largest(args.max_seq_len - 1, lambda n: fits(max_batch_size=1, max_seq_len=n)):
+        advice.append(f"max_batch_size 1 with max_seq_len {seq_len}")
     more = (
         w
         for w in model_parallel_sizes(args)

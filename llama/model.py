@@ -7,6 +7,7 @@ name, shape and split from a copy built on the meta device.
 """
 
 import functools
+import json
 import math
 from dataclasses import astuple, dataclass, fields, replace
 from typing import Any
@@ -69,15 +70,59 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], **overrides: Any) -> tuple["ModelArgs", list[str]]:
+    def from_params(
+        cls, params: dict[str, Any], source: str = "params.json", **overrides: Any
+    ) -> tuple["ModelArgs", list[str]]:
         """Build from a params.json dict; return the args and the keys this library does not know.
 
+        Every known field's type and range is checked first, naming `source` and the field.
         Unknown keys are reported instead of raising, so newer checkpoints still load.
         """
+        check_params(params, source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         args = cls(**{k: v for k, v in params.items() if k in known}, **overrides)
         return args, unknown
+
+
+def check_params(params: dict[str, Any], source: str, names: dict[str, str] | None = None) -> None:
+    """What params.json may hold: sizes are positive integers, rates positive finite numbers.
+
+    names: what `source` calls each field, where it is not params.json (Hugging Face's config.json).
+    """
+    names = names or {}
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_positive(value: Any) -> bool:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
+
+    rules = {
+        "dim": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        "n_layers": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        "n_heads": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        "n_kv_heads": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+        "vocab_size": (lambda v: is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 for the tokenizer's"),
+        "multiple_of": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        "ffn_dim_multiplier": (lambda v: v is None or is_positive(v), "a positive number or null"),
+        "norm_eps": (is_positive, "a positive number"),
+        "rope_theta": (is_positive, "a positive number"),
+        "max_batch_size": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        "max_seq_len": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    }
+    for field, (valid, expected) in rules.items():
+        if field in params and not valid(params[field]):
+            name = names.get(field, field)
+            raise ValueError(f"{source}: {name} is {json.dumps(params[field])}, but it must be {expected}")
+    dim, n_heads = params.get("dim", ModelArgs.dim), params.get("n_heads", ModelArgs.n_heads)
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    dim_name, heads_name = names.get("dim", "dim"), names.get("n_heads", "n_heads")
+    if dim % n_heads or (dim // n_heads) % 2:
+        raise ValueError(f"{source}: {dim_name} ({dim}) must be {heads_name} ({n_heads}) times an even head size")
+    if n_heads % n_kv_heads:
+        kv_name = names.get("n_kv_heads", "n_kv_heads")
+        raise ValueError(f"{source}: {heads_name} ({n_heads}) must be a multiple of {kv_name} ({n_kv_heads})")
 
 
 class RMSNorm(nn.Module):
@@ -246,8 +291,7 @@ class Transformer(nn.Module):
             attention.cache = KVCache(
                 params.max_batch_size, params.max_seq_len, attention.n_local_kv_heads, params.head_dim, weight
             )
-        # Twice max_seq_len, like the reference, so a caller may run past the window without an index error.
-        self.rotary = rotary_table(params, 2 * params.max_seq_len).to(weight.device)
+        self.rotary = rotary_table(params).to(weight.device)
 
     @property
     def has_cache(self) -> bool:
@@ -299,8 +343,10 @@ class Transformer(nn.Module):
         return self.logits(self.hidden_states(tokens, start_pos))
 
 
-def rotary_table(params: ModelArgs, end: int) -> torch.Tensor:
-    return precompute_rotary_table(params.head_dim, end, params.rope_theta)
+def rotary_table(params: ModelArgs, end: int | None = None) -> torch.Tensor:
+    """The model's rotary table for positions up to end; by default twice max_seq_len, like the
+    reference, so a caller may run past the window without an index error."""
+    return precompute_rotary_table(params.head_dim, 2 * params.max_seq_len if end is None else end, params.rope_theta)
 
 
 def weight_layout(args: ModelArgs) -> dict[str, Split]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import Progress, by_layer, new_folder, save_checkpoint
+from llama.checkpoint import Progress, by_layer, new_folder, save_checkpoint, written_bytes
 from llama.cli import run_script
 from llama.loading import open_checkpoint
 from llama.model import num_parameters
@@ -30,7 +30,6 @@ def reshard(src: str | Path, dst: str | Path, model_parallel_size: int, show_pro
     checkpoint = open_checkpoint(src)
     args = checkpoint.args
     check_model_parallel_size(args, model_parallel_size)
-    dst = new_folder(dst, src)
     progress = Progress(
         f"writing {model_parallel_size} shard(s)",
         model_parallel_size * args.n_layers,
@@ -49,10 +48,11 @@ def reshard(src: str | Path, dst: str | Path, model_parallel_size: int, show_pro
                     progress.advance()
             yield shard
 
-    save_checkpoint(dst, shards(), checkpoint.params)
-    tokenizer = checkpoint.folder / "tokenizer.model"
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, dst / "tokenizer.model")
+    with new_folder(dst, src, written_bytes(checkpoint, model_parallel_size)) as folder:
+        save_checkpoint(folder, shards(), checkpoint.params)
+        tokenizer = checkpoint.folder / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, folder / "tokenizer.model")
 
 
 def main(src: str, dst: str, model_parallel_size: int) -> None:

@@ -3,7 +3,9 @@
 from collections.abc import Iterator
 
 from llama.chat_format import SPECIAL_TAGS, Dialog, Message, encode_dialog, has_special_tags
+from llama.decoding import check_sampling
 from llama.generation import Llama
+from llama.tokenizer import check_unicode
 
 
 class ChatSession:
@@ -32,6 +34,7 @@ class ChatSession:
                 f"max_gen_len must be between 1 and {max_seq_len - 1} to leave room for the dialog "
                 f"in max_seq_len={max_seq_len}, got {max_gen_len}"
             )
+        check_sampling(temperature, top_p)
         if system is not None and has_special_tags([{"role": "system", "content": system}]):
             raise ValueError(f"the system prompt contains one of the special tags {', '.join(SPECIAL_TAGS)}: remove it")
         self.generator = generator
@@ -51,6 +54,7 @@ class ChatSession:
         answer the caller stops reading stays in the dialog as far as it got. A message with special
         tags, or one too long to fit even alone, raises ValueError and leaves the dialog as it was.
         """
+        check_unicode(message, "the message")
         if has_special_tags([{"role": "user", "content": message}]):
             raise ValueError(f"the message contains one of the special tags {', '.join(SPECIAL_TAGS)}; it was not sent")
         dialog, dropped = self.fit(self.dialog + [{"role": "user", "content": message}])

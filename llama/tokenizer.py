@@ -6,6 +6,17 @@ from collections.abc import Iterable
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
 
+def check_unicode(text: str, what: str) -> None:
+    """SentencePiece cannot encode lone surrogates, which stand for bytes that did not decode as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} is not valid Unicode at character {err.start} (an undecodable byte, as in input that is not "
+            "UTF-8): fix or remove it"
+        ) from err
+
+
 class Tokenizer:
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
@@ -27,6 +38,7 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):
             raise TypeError(f"expected a string to encode, got {type(s).__name__}")
+        check_unicode(s, "the text")
         tokens = self.sp_model.encode(s)
         return ([self.bos_id] if bos else []) + tokens + ([self.eos_id] if eos else [])
 

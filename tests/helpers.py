@@ -1,10 +1,17 @@
 """What tests share besides fixtures: small model shapes, random checkpoints, and running commands."""
 
+import contextlib
 import os
+import select
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -13,6 +20,8 @@ from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs, weight_layout
 
 ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "models" / "llama-2-demo"
+DEMO_MP2 = ROOT / "models" / "llama-2-demo-mp2"
 
 # Plain multi-head attention, and grouped-query attention with a non-default FFN width.
 MULTI_HEAD = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
@@ -93,6 +102,36 @@ def logits_of(folder: Path, tokenizer_path: str | Path) -> torch.Tensor:
 
 def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+
+
+@contextlib.contextmanager
+def killed_afterwards(job: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """A job that a failed test might leave running: killed, with its process group if it leads one."""
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(job.pid) == job.pid:
+                    os.killpg(job.pid, signal.SIGKILL)
+                else:
+                    job.kill()
+            job.wait()
+
+
+def read_until(stream: IO[str], done: Callable[[str], bool], timeout: float) -> str:
+    """What a job wrote to a pipe up to a line that done() accepts; fails after timeout seconds.
+
+    Reads the pipe's file descriptor itself, so nothing waits in the stream's buffer for a later read.
+    """
+    deadline, text = time.monotonic() + timeout, ""
+    while not any(done(line) for line in text.splitlines()):
+        ready, _, _ = select.select([stream.fileno()], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"nothing expected within {timeout} s; so far:\n{text[-3000:]}"
+        chunk = os.read(stream.fileno(), 1 << 16)
+        assert chunk, f"the job ended first; it said:\n{text[-3000:]}"
+        text += chunk.decode(errors="replace")
+    return text
 
 
 def free_port() -> int:

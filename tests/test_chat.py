@@ -27,7 +27,11 @@ def chat_command(checkpoint: Path, tokenizer_path: str, max_seq_len: int, max_ge
 
 
 def run_piped(command: list[str]) -> subprocess.CompletedProcess:
-    stdin = "".join(line + "\n" for line in PIPED)
+    return run_piped_lines(command, PIPED)
+
+
+def run_piped_lines(command: list[str], lines: list[str]) -> subprocess.CompletedProcess:
+    stdin = "".join(line + "\n" for line in lines)
     return subprocess.run(
         command, input=stdin, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300
     )
@@ -72,6 +76,34 @@ def test_chat_under_torchrun_answers_like_one_process(
     # Rank 0 alone prints, every rank agreed, and the compiled decode step answered as the eager one.
     assert turns(done.stdout) == turns(piped.stdout)
     assert done.stdout.count("Type a message") == 1
+    assert done.stdout.count("compiling the decode step (tens of seconds)...\n") == 1
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(checkpoint: Path, tokenizer_path: str) -> None:
+    def chat(stdin: bytes) -> list[str]:
+        done = subprocess.run(
+            [sys.executable] + chat_command(checkpoint, tokenizer_path, 96, 24),
+            input=stdin, cwd=ROOT, env=environment(), capture_output=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode()[-3000:]
+        return turns(done.stdout.decode())
+
+    with_bad_line, without = chat(b"Hi\n\xff\xfe broken\nRed\n"), chat(b"Hi\nRed\n")
+    assert with_bad_line[1] == (
+        "?? broken\nerror: the message is not valid Unicode at character 0 (an undecodable byte, as in input that "
+        "is not UTF-8): fix or remove it\n"
+    )
+    assert with_bad_line[0] == without[0] and with_bad_line[2] == without[1]  # the dialog went on as it was
+
+
+def test_the_prompt_and_answers_are_on_stdout(checkpoint: Path, tokenizer_path: str) -> None:
+    done = subprocess.run(
+        [sys.executable] + chat_command(checkpoint, tokenizer_path, 96, 24),
+        input="Hi\n", cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert "User: Hi\nAssistant: " in done.stdout
 
 
 class Terminal:
@@ -144,3 +176,24 @@ def test_chat_on_a_folder_without_tokenizer_says_what_to_pass(tmp_path) -> None:
 
     with pytest.raises(FileNotFoundError, match="pass --tokenizer_path"):
         main(ckpt_dir=str(tmp_path))
+
+
+def test_the_prompt_has_line_editing_and_history(checkpoint: Path, tokenizer_path: str) -> None:
+    terminal = Terminal(chat_command(checkpoint, tokenizer_path, 96, 8))
+    try:
+        terminal.expect(b"User: ")
+        terminal.type(b"Red sun\r")
+        terminal.expect(b"Assistant: ")
+        terminal.expect(b"User: ")
+        terminal.type(b"\x1b[A")  # Up: the last line comes back to be edited
+        terminal.expect(b"Red sun")
+        terminal.type(b"\x7f\x7f\x7fmoon\r")  # three backspaces, then a new word
+        terminal.expect(b"Assistant: ")
+        terminal.expect(b"User: ")
+        terminal.type(b"\x04")
+        assert terminal.exit_code() == 0
+    finally:
+        terminal.close()
+    answers = [a.split(b"\r\n")[0].decode() for a in terminal.output.split(b"Assistant: ")[1:]]
+    piped = run_piped_lines([sys.executable] + chat_command(checkpoint, tokenizer_path, 96, 8), ["Red sun", "Red moon"])
+    assert answers == [turn.split("Assistant: ")[1].removesuffix("\n") for turn in turns(piped.stdout)[:2]]

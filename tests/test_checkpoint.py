@@ -1,6 +1,10 @@
 """Meta's layout: validated names, shapes and files, any shard count read as any other, and the
 errors users see for bad folders."""
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,7 @@ import torch
 from llama.bench import random_state_dict
 from llama.checkpoint import MetaCheckpoint, md5sum
 from llama.reshard import reshard
-from tests.helpers import GROUPED_QUERY, MULTI_HEAD, build, copy_of, model_args, write_checkpoint
+from tests.helpers import GROUPED_QUERY, MULTI_HEAD, ROOT, build, copy_of, environment, model_args, write_checkpoint
 
 
 def test_written_checkpoint_has_meta_layout_and_checklist(checkpoint_2_shards: Path) -> None:
@@ -131,3 +135,67 @@ def test_checkpoints_cannot_run_code(checkpoint: Path, tokenizer_path: str, tmp_
     edit_weights(folder, lambda sd: sd.update({"payload": Payload()}))
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         build(folder, tokenizer_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("n_heads", "6", 'n_heads is "6", but it must be a positive integer'),
+        ("n_layers", 4.0, "n_layers is 4.0, but it must be a positive integer"),
+        ("n_kv_heads", 0, "n_kv_heads is 0, but it must be a positive integer or null"),
+        ("norm_eps", "x", 'norm_eps is "x", but it must be a positive number'),
+        ("dim", -64, "dim is -64, but it must be a positive integer"),
+        ("vocab_size", 0, "vocab_size is 0, but it must be a positive integer, or -1 for the tokenizer's"),
+        ("rope_theta", True, "rope_theta is true, but it must be a positive number"),
+        ("ffn_dim_multiplier", -1.3, "ffn_dim_multiplier is -1.3, but it must be a positive number or null"),
+        ("n_heads", 5, "dim (64) must be n_heads (5) times an even head size"),
+        ("n_kv_heads", 3, "n_heads (4) must be a multiple of n_kv_heads (3)"),
+    ],
+)
+def test_params_json_fields_are_checked_when_the_folder_is_opened(
+    checkpoint: Path, tokenizer_path: str, tmp_path: Path, field: str, value, expected: str
+) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, field: value}))
+    with pytest.raises(ValueError) as refused:
+        MetaCheckpoint(folder)
+    assert str(refused.value) == f"{str(folder / 'params.json')!r}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty (0 bytes): its download did not finish; download it again"),
+        (bytes(range(256)) * 16, "is not a valid checkpoint file: it is corrupt or an incomplete download"),
+        (None, "is not a valid checkpoint file: it is corrupt or an incomplete download"),  # cut in half
+    ],
+    ids=["empty", "random_bytes", "truncated"],
+)
+def test_a_damaged_shard_file_is_called_damaged(
+    checkpoint: Path, tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    shard = folder / "consolidated.00.pth"
+    shard.write_bytes(content if content is not None else shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{str(shard)!r} {message}")):
+        MetaCheckpoint(folder)
+
+
+def test_a_damaged_shard_through_the_example_script_is_one_line(
+    checkpoint: Path, tokenizer_path: str, tmp_path: Path
+) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    (folder / "consolidated.00.pth").write_bytes(b"")
+    command = [
+        sys.executable,
+        "example_text_completion.py",
+        "--ckpt_dir",
+        str(folder),
+        "--tokenizer_path",
+        tokenizer_path,
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    shard = str(folder / "consolidated.00.pth")
+    assert done.stderr == f"error: {shard!r} is empty (0 bytes): its download did not finish; download it again\n"

@@ -1,6 +1,8 @@
 """python -m llama.convert: Meta to Hugging Face and back, bit-exact, loadable by transformers."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 from llama.bench import random_state_dict
 from llama.checkpoint import save_checkpoint
 from llama.convert import main, to_hugging_face
-from tests.helpers import GROUPED_QUERY, TOKENS, logits_of, model_args, split_state_dict
+from tests.helpers import GROUPED_QUERY, ROOT, TOKENS, environment, logits_of, model_args, split_state_dict
 
 
 def test_exported_folder_has_hugging_face_layout(hugging_face: Path) -> None:
@@ -61,3 +63,43 @@ def test_transformers_loads_the_exported_folder_and_agrees(
 def test_export_needs_a_tokenizer(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no tokenizer.model in .* or its parent folder: pass --tokenizer_path"):
         to_hugging_face(checkpoint, tmp_path / "hf")
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llama.convert", *args], cwd=ROOT, env=environment(), capture_output=True, text=True
+    )
+
+
+def test_the_command_converts_hugging_face_to_meta_and_back(
+    checkpoint: Path, tokenizer_path: str, tmp_path: Path
+) -> None:
+    """As users run it, python -m: the module is then __main__, a second copy of itself."""
+    done = convert(str(checkpoint), str(tmp_path / "hf"), "--tokenizer_path", tokenizer_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote Hugging Face's format to {tmp_path / 'hf'}\n"
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    for shards in (1, 2):
+        out = tmp_path / f"meta-mp{shards}"
+        flags = ["--model_parallel_size", str(shards)] if shards > 1 else []
+        done = convert(str(tmp_path / "hf"), str(out), *flags)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"wrote Meta's format with {shards} shard(s) to {out}\n"
+        files = sorted(p.name for p in out.iterdir())
+        assert files == sorted(
+            ["checklist.chk", "params.json", "tokenizer.model"] + [f"consolidated.0{i}.pth" for i in range(shards)]
+        )
+        assert torch.equal(logits_of(out, tokenizer_path), logits_of(checkpoint, tokenizer_path))
+
+
+def test_the_command_refuses_to_cut_a_hugging_face_export(
+    checkpoint: Path, tokenizer_path: str, tmp_path: Path
+) -> None:
+    done = convert(
+        str(checkpoint), str(tmp_path / "hf"), "--tokenizer_path", tokenizer_path, "--model_parallel_size", "2"
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "error: --model_parallel_size applies when writing Meta's format: a Hugging Face folder is not cut\n"
+    )
+    assert not (tmp_path / "hf").exists()

@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from llama import Llama
-from tests.helpers import ROOT, environment, free_port, torchrun
+from tests.helpers import DEMO, DEMO_MP2, ROOT, environment, free_port, torchrun
 from tools.demo_data import held_out_dialogs, is_held_out, problem
 from tools.evaluate_demo_model import answer_all
 
-DEMO = ROOT / "models" / "llama-2-demo"
-DEMO_MP2 = ROOT / "models" / "llama-2-demo-mp2"
 HELD_OUT = 100
 
 

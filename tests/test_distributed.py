@@ -4,7 +4,10 @@ One torchrun launch loads several checkpoints in turn, each on two processes, wh
 shard count or format; every result must match the same checkpoint run in this one process.
 """
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,17 @@ import torch
 
 from llama.convert import to_hugging_face
 from tests.distributed_worker import build, run
-from tests.helpers import GROUPED_QUERY, environment, free_port, torchrun, write_checkpoint
+from tests.helpers import (
+    DEMO_MP2,
+    GROUPED_QUERY,
+    ROOT,
+    environment,
+    free_port,
+    killed_afterwards,
+    read_until,
+    torchrun,
+    write_checkpoint,
+)
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 
@@ -121,3 +134,72 @@ def test_two_nodes_over_loopback(
     for rank in range(2):
         result = torch.load(tmp_path / f"{checkpoint_2_shards.name}-rank{rank}.pt", weights_only=True)
         assert_same(result, single_process)
+
+
+FAULTY = str(Path(__file__).with_name("faulty_worker.py"))
+
+
+def our_lines(stderr: str) -> list[str]:
+    """What the processes themselves printed, without torchrun's own log lines and failure summary."""
+    ours = ("error", "rank ", "interrupted")
+    return [line for line in stderr.splitlines() if line.startswith(ours)]
+
+
+def assert_no_trace_from_the_ranks(stderr: str) -> None:
+    """torchrun's launcher prints a summary of its own; the ranks print no traceback and no gloo text."""
+    assert "gloo" not in stderr and "Connection closed" not in stderr
+    assert not [line for line in stderr.splitlines() if line.strip().startswith('File "') and "/llama/" in line]
+
+
+def test_a_bad_folder_on_one_node_is_named_there_and_the_other_node_stops_at_once(tmp_path: Path) -> None:
+    port, nodes, started = str(free_port()), [], time.monotonic()
+    for node_rank, folder in (("0", DEMO_MP2), ("1", tmp_path / "nowhere")):
+        command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node_rank)
+        command += ["--master_addr", "127.0.0.1", "--master_port", port, "example_text_completion.py"]
+        command += ["--ckpt_dir", str(folder), "--max_gen_len", "4"]
+        nodes.append(subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True))
+    errors = [node.communicate(timeout=120)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 1]
+    assert time.monotonic() - started < 60  # not the collective timeout
+    assert our_lines(errors[1]) == [
+        f"error on rank 1: checkpoint folder {str(tmp_path / 'nowhere')!r} does not exist: pass --ckpt_dir "
+        "pointing to a folder such as llama-2-7b/ that holds consolidated.00.pth and params.json"
+    ]
+    assert our_lines(errors[0]) == [
+        "rank 0: stopping: another process of the group failed or ended (its own message says why)"
+    ]
+    for stderr in errors:
+        assert_no_trace_from_the_ranks(stderr)
+
+
+def test_a_peer_that_stops_answering_is_named_when_the_timeout_fires(tmp_path: Path) -> None:
+    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), FAULTY)
+    command += ["--mode", "stop", "--ckpt_dir", str(DEMO_MP2), "--pid_dir", str(tmp_path)]
+    environ = {**environment(), "LLAMA_TIMEOUT": "3"}
+    job = subprocess.Popen(command, cwd=ROOT, env=environ, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with killed_afterwards(job):
+        said = read_until(job.stderr, lambda line: line.startswith("rank 0: stopping"), timeout=120)
+        assert "rank 0: stopping: rank 1 did not answer for 3 s (set LLAMA_TIMEOUT to wait longer)" in our_lines(said)
+        # The stopped rank: torchrun alone would wait 30 s before it kills it.
+        os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
+        stderr = said + job.communicate(timeout=120)[1]
+    assert job.returncode != 0
+    assert_no_trace_from_the_ranks(stderr)
+
+
+def test_ctrl_c_under_torchrun_says_interrupted_once(tmp_path: Path) -> None:
+    command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), FAULTY)
+    command += ["--mode", "loop", "--ckpt_dir", str(DEMO_MP2), "--pid_dir", str(tmp_path)]
+    # Its own session, so that the signal goes to torchrun's process group as a terminal's Ctrl-C would.
+    job = subprocess.Popen(
+        command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    with killed_afterwards(job):
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"rank{r}.pid").exists() for r in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGINT)
+        stderr = job.communicate(timeout=60)[1]
+    assert job.returncode != 0
+    assert our_lines(stderr) == ["interrupted"]
+    assert_no_trace_from_the_ranks(stderr)

@@ -168,3 +168,64 @@ def test_bad_batches_are_rejected(generator: Llama) -> None:
 def test_bad_limits(checkpoint: Path, tokenizer_path: str) -> None:
     with pytest.raises(ValueError, match="max_seq_len must be a positive integer"):
         Llama.build(str(checkpoint), tokenizer_path, max_seq_len=0, max_batch_size=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"temperature": float("nan")}, ValueError, "temperature must be 0 .greedy. or more, and finite, got nan"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be 0 .greedy. or more, and finite, got inf"),
+        ({"temperature": -0.5}, ValueError, "temperature must be 0 .greedy. or more, and finite, got -0.5"),
+        ({"temperature": "0.7"}, TypeError, "temperature must be a number .0 for greedy., got '0.7'"),
+        ({"top_p": -1}, ValueError, r"top_p must be in \(0, 1\] \(1 keeps every token\), got -1"),
+        ({"top_p": 2}, ValueError, r"top_p must be in \(0, 1\] \(1 keeps every token\), got 2"),
+        ({"top_p": 0}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_p": None}, TypeError, r"top_p must be a number in \(0, 1\], got None"),
+        ({"max_gen_len": 2.5}, TypeError, "max_gen_len must be a whole number of tokens, got 2.5"),
+        ({"max_gen_len": True}, TypeError, "max_gen_len must be a whole number of tokens, got True"),
+        ({"max_gen_len": -1}, ValueError, "max_gen_len must be >= 0, got -1"),
+    ],
+)
+def test_bad_sampling_and_length_arguments_are_named(generator: Llama, kwargs: dict, error: type, message: str) -> None:
+    prompts = prompt_ids(generator.tokenizer)
+    arguments = {"max_gen_len": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        generator.generate(prompts, **arguments)
+    with pytest.raises(error, match=message):
+        generator.generate_stream(prompts, **arguments)
+    with pytest.raises(error, match=message):
+        generator.text_completion(PROMPTS, **arguments)
+    with pytest.raises(error, match=message):
+        generator.chat_completion([[{"role": "user", "content": "Hi"}]], **arguments)
+
+
+def test_generate_needs_a_number_of_tokens(generator: Llama) -> None:
+    with pytest.raises(TypeError, match="max_gen_len must be a whole number of tokens, got None"):
+        generator.generate(prompt_ids(generator.tokenizer), max_gen_len=None)
+
+
+def test_a_string_or_a_lone_dialog_in_place_of_a_list_is_refused(generator: Llama) -> None:
+    with pytest.raises(TypeError, match=r"prompts must be a list of strings, got str: pass \[prompt\] for one"):
+        generator.text_completion("The cat")
+    with pytest.raises(TypeError, match=r"prompts must be a list of strings, got str"):
+        generator.text_completion_stream("The cat")
+    dialog = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(TypeError, match=r"this is one dialog: pass \[dialog\]"):
+        generator.chat_completion(dialog)
+    with pytest.raises(TypeError, match=r"this is one dialog: pass \[dialog\]"):
+        generator.chat_completion_stream(dialog)
+
+
+@pytest.mark.parametrize("bad", [400, -1, 2.0, "5"])
+def test_token_ids_outside_the_vocabulary_are_refused(generator: Llama, bad) -> None:
+    message = rf"prompt 1 holds {bad!r}, which is not a token id of this model's vocabulary \(integers 0 to 399\)"
+    with pytest.raises(ValueError, match=message):
+        generator.generate([[1, 5], [1, bad]], max_gen_len=2)
+    with pytest.raises(TypeError, match="prompt_tokens must be a list of prompts, each a list of token ids"):
+        generator.generate([1, 5, 9], max_gen_len=2)
+
+
+@pytest.mark.parametrize("value", [True, 2.0, "8"])
+def test_build_limits_must_be_whole_numbers(checkpoint: Path, tokenizer_path: str, value) -> None:
+    with pytest.raises(ValueError, match=f"max_batch_size must be a positive integer, got {value!r}"):
+        Llama.build(str(checkpoint), tokenizer_path, max_seq_len=32, max_batch_size=value)

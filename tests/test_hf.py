@@ -159,3 +159,39 @@ def test_bad_hugging_face_weight_is_named(hugging_face: Path, tmp_path: Path, ed
     edit_safetensors(folder, edit)
     with pytest.raises(ValueError, match=message):
         logits_of(folder, folder / "tokenizer.model")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("hidden_size", "4096", 'hidden_size is "4096", but it must be a positive integer'),
+        ("num_hidden_layers", 32.0, "num_hidden_layers is 32.0, but it must be a positive integer"),
+        ("num_key_value_heads", 0, "num_key_value_heads is 0, but it must be a positive integer or null"),
+        ("rms_norm_eps", -1e-5, "rms_norm_eps is -1e-05, but it must be a positive number"),
+        ("intermediate_size", -11008, "intermediate_size is -11008, but it must be a positive integer"),
+        ("num_attention_heads", 3, "hidden_size (4096) must be num_attention_heads (3) times an even head size"),
+    ],
+)
+def test_config_json_fields_are_checked_by_their_own_names(field: str, value, expected: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        params_from_config({**LLAMA2_7B_HF_CONFIG, field: value}, Path("config.json"))
+    assert str(refused.value) == f"'config.json': {expected}"
+
+
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [
+        (0, "is empty (0 bytes): its download did not finish; download it again"),
+        (0.5, "is not a valid safetensors file: it is corrupt or an incomplete download; download it again"),
+    ],
+    ids=["empty", "truncated"],
+)
+def test_a_damaged_safetensors_file_is_called_damaged(
+    hugging_face: Path, tmp_path: Path, cut: float, message: str
+) -> None:
+    folder = Path(shutil.copytree(hugging_face, tmp_path / "hf"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * cut)])
+    with pytest.raises(ValueError) as refused:
+        logits_of(folder, folder / "tokenizer.model")
+    assert str(refused.value) == f"{str(weights)!r} {message}"

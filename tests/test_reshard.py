@@ -1,8 +1,12 @@
 """Resharding on disk: any shard count to any other, bit-exact, one output shard in memory at a time."""
 
 import json
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from llama.bench import random_state_dict
 from llama.checkpoint import md5sum, save_checkpoint
 from llama.model import ModelArgs
 from llama.reshard import reshard
-from tests.helpers import ROOT, environment
+from tests.helpers import ROOT, environment, killed_afterwards
 
 PROBE = str(Path(__file__).with_name("peak_memory.py"))
 
@@ -91,3 +95,92 @@ def test_resharding_holds_one_output_shard_at_a_time(tmp_path: Path) -> None:
     print(f"share {share / 2**20:.1f} MiB of {model / 2**20:.1f} MiB; peak added: ", end="")
     print(f"private {peak['private'] / 2**20:.1f} MiB, resident {peak['resident'] / 2**20:.1f} MiB")
     assert peak["private"] < 1.5 * share  # two shards at once would be 2x, the whole model 4x
+
+
+def in_small_disk(command: list[str], disk: Path, size: str, read_only: bool = False) -> subprocess.CompletedProcess:
+    """Run command with a tmpfs of `size` mounted on `disk`, in a mount namespace of its own (Linux)."""
+    options = f"size={size}" + (",ro" if read_only else "")
+    script = f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(disk))} && exec {shlex.join(command)}"
+    return subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script],
+        cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def reshard_command(src: Path, dst: Path, size: int) -> list[str]:
+    return [sys.executable, "-m", "llama.reshard", str(src), str(dst), "--model-parallel-size", str(size)]
+
+
+def test_a_disk_too_small_is_named_before_anything_is_written(checkpoint: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = ["sh", "-c", shlex.join(reshard_command(checkpoint, disk / "mp2", 2)) + f"; echo $?; ls -A {disk}"]
+    done = in_small_disk(command, disk, "64k")
+    exit_code, *left = done.stdout.split()
+    assert exit_code == "1" and left == []
+    assert re.fullmatch(
+        rf"error: no space left on {re.escape(repr(str(disk / 'mp2')))}: the checkpoint needs [\d.]+ MiB, "
+        r"the disk has [\d.]+ KiB\n",
+        done.stderr,
+    ), done.stderr
+
+
+def test_a_disk_that_fills_up_while_writing_leaves_nothing_behind(tmp_path: Path) -> None:
+    args = ModelArgs.from_params(MEDIUM)[0]
+    save_checkpoint(tmp_path / "mp1", [random_state_dict(args)], MEDIUM)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (tmp_path / "mp1" / "consolidated.00.pth").stat().st_size
+    # Room for the whole copy at the start; once the first shard is written, another program fills the disk.
+    script = (
+        f"{shlex.join(reshard_command(tmp_path / 'mp1', disk / 'mp4', 4))} & job=$!; "
+        f"while [ ! -e {disk}/.mp4.partial/consolidated.00.pth ]; do sleep 0.01; done; "
+        f"head -c {size} /dev/zero > {disk}/other-files 2>/dev/null; "
+        f"wait $job; echo $?; ls -A {disk}"
+    )
+    done = in_small_disk(["sh", "-c", script], disk, str(int(size * 1.2)))
+    exit_code, *left = done.stdout.split()
+    assert exit_code == "1", done.stderr
+    assert re.fullmatch(
+        r"error: no space left on .*: the checkpoint needs [\d.]+ MiB, the disk has [\d.]+ \w+\n", done.stderr
+    )
+    assert left == ["other-files"]  # no mp4, no hidden partial folder
+
+
+def test_a_read_only_target_is_said_in_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = in_small_disk(reshard_command(checkpoint, disk / "mp2", 2), disk, "1m", read_only=True)
+    assert done.returncode == 1
+    assert (
+        done.stderr == f"error: cannot write to {str(disk / 'mp2')!r}: read-only file system; choose another folder\n"
+    )
+
+
+def test_an_interrupted_run_leaves_nothing_and_a_rerun_works(tmp_path: Path) -> None:
+    args = ModelArgs.from_params(MEDIUM)[0]
+    save_checkpoint(tmp_path / "mp1", [random_state_dict(args)], MEDIUM)
+    dst, partial = tmp_path / "mp4", tmp_path / ".mp4.partial"
+    for how in (signal.SIGINT, signal.SIGKILL):
+        command = reshard_command(tmp_path / "mp1", dst, 4)
+        with killed_afterwards(
+            subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True)
+        ) as job:
+            deadline = time.monotonic() + 60
+            while not (partial / "consolidated.00.pth").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            job.send_signal(how)
+            _, stderr = job.communicate(timeout=60)
+        assert not dst.exists()
+        if how == signal.SIGINT:
+            assert job.returncode == 130 and stderr == "interrupted\n"
+            assert not partial.exists()
+    # Killed outright, it left its hidden partial folder, which the next run replaces.
+    done = subprocess.run(
+        reshard_command(tmp_path / "mp1", dst, 4), cwd=ROOT, env=environment(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mp1", "mp4"]
+    for line in (dst / "checklist.chk").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert md5sum(dst / name) == digest

@@ -29,7 +29,7 @@ class ScriptedModel:
 
     def __init__(self, scripts: list[list[int]], tokenizer: Tokenizer, max_seq_len: int = 256):
         self.scripts, self.eos_id, self.vocab_size = scripts, tokenizer.eos_id, tokenizer.n_words
-        self.params = SimpleNamespace(max_seq_len=max_seq_len, max_batch_size=len(scripts))
+        self.params = SimpleNamespace(max_seq_len=max_seq_len, max_batch_size=len(scripts), vocab_size=self.vocab_size)
         self.tok_embeddings = SimpleNamespace(weight=torch.zeros(1))
         self.step = 0
         self.forward_passes = 0

@@ -1,0 +1,64 @@
+"""python -m llama.bench as users run it: sane rates, progress on stderr, no noise, refusals up front."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from llama.bench import of_bound
+from tests.helpers import DEMO, ROOT, environment
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llama.bench", *args],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for() -> None:
+    """The demo model ends most answers at EOS; a benchmark that stopped there reported 507% of the bound."""
+    done = bench("--ckpt_dir", str(DEMO), "--prompt_len", "16", "--new_tokens", "32")
+    assert done.returncode == 0, done.stderr
+    for name in ("prefill", "decode, batch 1"):
+        line = next(line for line in done.stdout.splitlines() if line.startswith(name))
+        percent = int(re.search(r"(\d+)% of bound", line)[1])
+        assert 0 < percent <= 100 or "a measurement problem" in line, line
+    assert "> initializing" not in done.stdout  # fairscale's lines are gone
+    steps = [line.split(" (")[0] for line in done.stderr.splitlines()]
+    assert steps == [
+        "bench: loading",
+        "bench: matrix-multiply throughput",
+        "bench: prefill",
+        "bench: memory bandwidth",
+        "bench: decode, batch 1",
+        "bench: decode, batch 8",
+        "bench: mixed batch of 8, ours and Meta's loop",
+    ]
+
+
+def test_a_rate_above_the_bound_is_called_a_measurement_problem() -> None:
+    assert of_bound(0.8) == "80% of bound"
+    assert of_bound(5.07) == "507% of bound: above what the machine allows, so a measurement problem (rerun it)"
+
+
+def test_hugging_face_side_by_side_prints_no_warnings(tmp_path: Path) -> None:
+    done = bench(
+        "--shape", "15M", "--compare", "hf", "--prompt_len", "4", "--new_tokens", "4", "--work_dir", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HF decode, batch 1" in done.stdout
+    assert [line for line in done.stderr.splitlines() if not line.startswith("bench: ")] == []
+
+
+def test_a_shape_the_machine_cannot_hold_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    done = bench("--shape", "70B", "--work_dir", str(tmp_path))
+    assert done.returncode == 1
+    assert re.fullmatch(
+        r"error: this process needs about [\d.]+ GiB on cpu but only [\d.]+ GiB is available: .*\n", done.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
