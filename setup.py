@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi", "uvicorn", "prometheus-client"]
+
 setup(
     name="llama",
     version="0.1.0",
@@ -10,12 +12,18 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["llama", "llama.*"]),
+    package_data={"llama": ["static/*"]},  # the server's chat page
     python_requires=">=3.10",
     install_requires=Path("requirements.txt").read_text().split(),
     extras_require={
         # Reading and writing Hugging Face checkpoints (config.json + model*.safetensors).
         "hf": ["safetensors"],
-        # transformers is the independent implementation the tests compare logits against.
-        "test": ["pytest", "ruff", "safetensors", "transformers"],
+        # The OpenAI-compatible server: FastAPI (Starlette + pydantic) on uvicorn, as vLLM and
+        # llama-cpp-python serve, and Prometheus's own client for /metrics.
+        "serve": SERVE,
+        # transformers is the independent implementation the tests compare logits against; the
+        # official openai client and httpx talk to the server as applications do; Playwright drives
+        # Debian's Chromium through the chat page (its own browser download is never used).
+        "test": ["pytest", "ruff", "safetensors", "transformers", "openai", "httpx", "playwright", *SERVE],
     },
 )

@@ -13,6 +13,7 @@ results are printed as a table and, with --json FILE, appended as JSON lines.
 import json
 import multiprocessing
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -47,23 +48,29 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
     return state_dict
 
 
-def shape_params(shape: str) -> dict:
-    return {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": VOCAB_SIZE}
+def shape_params(shape: str, vocab_size: int = VOCAB_SIZE) -> dict:
+    return {**SHAPES[shape], "norm_eps": 1e-5, "vocab_size": vocab_size}
 
 
-def write_random_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> None:
-    params = shape_params(shape)
+def write_random_checkpoint(folder: Path, shape: str, dtype: torch.dtype, tokenizer: Path | None) -> None:
+    params = shape_params(shape, Tokenizer(str(tokenizer)).n_words if tokenizer else VOCAB_SIZE)
     args = ModelArgs(**params)
     with new_folder(folder, None, num_parameters(args) * dtype.itemsize) as partial:
         save_checkpoint(partial, [random_state_dict(args, seed=0, dtype=dtype)], params)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, partial / "tokenizer.model")
 
 
-def random_checkpoint(shape: str, work_dir: Path, dtype: torch.dtype) -> Path:
-    """Create (once) a random checkpoint in a child process, so its memory does not count as ours."""
-    folder = work_dir / f"random-{shape}-{str(dtype).removeprefix('torch.')}"
+def random_checkpoint(shape: str, work_dir: Path, dtype: torch.dtype, tokenizer: Path | None = None) -> Path:
+    """Create (once) a random checkpoint in a child process, so its memory does not count as ours.
+
+    With a tokenizer, the vocabulary is the tokenizer's and the folder holds it (for the server).
+    """
+    name = f"random-{shape}-{str(dtype).removeprefix('torch.')}" + (f"-{tokenizer.parent.name}" if tokenizer else "")
+    folder = work_dir / name
     if not (folder / "params.json").exists():
         child = multiprocessing.get_context("spawn").Process(
-            target=write_random_checkpoint, args=(folder, shape, dtype)
+            target=write_random_checkpoint, args=(folder, shape, dtype, tokenizer)
         )
         child.start()
         child.join()

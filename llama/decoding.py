@@ -8,13 +8,14 @@ start together: every row decodes at its own position.
 """
 
 import itertools
-import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Literal
 
 import torch
 
 from llama.model import Transformer
+from llama.sampling import SamplingParams, SequenceSampler, sample_rows
 from llama.streaming import TextStream
 from llama.tokenizer import Tokenizer
 
@@ -26,46 +27,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """One token per row of logits (batch, vocab): greedy at temperature 0, else nucleus sampling."""
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
-    return torch.argmax(logits, dim=-1)
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probabilities add up to more than p.
-
-    Returns (batch, 1) token ids.
-    """
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before > p] = 0.0
-    sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(sorted_probs, num_samples=1)
-    return torch.gather(sorted_ids, -1, choice)
-
-
 def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | list[int]) -> torch.Tensor:
     """Logits (batch, vocab) after feeding one token (batch,) per sequence at start_pos."""
     return model.logits(model.hidden_states(tokens.unsqueeze(1), start_pos)[:, -1])
 
 
-def is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def check_sampling(temperature: float, top_p: float) -> None:
-    """temperature: a number >= 0 (0 is greedy); top_p: the nucleus's probability mass, in (0, 1]."""
-    if not is_number(temperature):
-        raise TypeError(f"temperature must be a number (0 for greedy), got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be 0 (greedy) or more, and finite, got {temperature!r}")
-    if not is_number(top_p):
-        raise TypeError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+def check_max_gen_len(max_gen_len: int) -> None:
+    if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool):
+        raise TypeError(f"max_gen_len must be a whole number of tokens, got {max_gen_len!r}")
+    if max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
 
 
 def check_prompts(prompt_tokens: list[list[int]], max_batch_size: int, max_seq_len: int, vocab_size: int) -> None:
@@ -114,10 +85,20 @@ class Sequence:
     not kept), at a stop string (the text is cut before it) or when its budget of tokens is spent.
     """
 
-    def __init__(self, prompt: list[int], budget: int, eos_id: int, stream: TextStream | None = None):
-        self.prompt, self.budget, self.eos_id, self.stream = list(prompt), budget, eos_id, stream
+    def __init__(
+        self,
+        prompt: list[int],
+        budget: int,
+        eos_id: int,
+        sampler: SequenceSampler,
+        stream: TextStream | None = None,
+        alternatives: int = 0,
+    ):
+        self.prompt, self.budget, self.eos_id, self.sampler, self.stream = list(prompt), budget, eos_id, sampler, stream
+        self.alternatives = alternatives  # how many of the most likely tokens to record at each step
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # the alternatives, most likely first
         self.prompt_logprobs: list[float] = []  # filled by a prefill that computes logprobs
         self.finish_reason: FinishReason | None = None
         self.text = ""  # streamed text not yet taken
@@ -128,13 +109,16 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, logprob: float | None = None) -> None:
+    def add(self, token: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> None:
         if token == self.eos_id:
             self.finish("stop")
             return
         self.tokens.append(token)
+        self.sampler.took(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
         if self.stream is not None:
             self.text += self.stream.push(token)
             if self.stream.stopped:
@@ -151,6 +135,29 @@ class Sequence:
         """The text that arrived since the last call: whole characters, cut before any stop string."""
         text, self.text = self.text, ""
         return text
+
+
+def take(sequences: list[Sequence | None], logits: torch.Tensor, logprobs: bool = False) -> list[int]:
+    """Sample a token for each unfinished sequence from its row of logits, and give it to it.
+
+    Returns every row's token (filler for the rows of finished sequences, or None ones). Logprobs
+    are recorded with logprobs, or for sequences that want their most likely alternatives.
+    """
+    live = [s if s is not None and not s.finished else None for s in sequences]
+    tokens = sample_rows(logits, [s.sampler if s is not None else None for s in live])
+    alternatives = max((s.alternatives for s in live if s is not None), default=0)
+    chosen, top = [None] * len(tokens), [None] * len(tokens)
+    if logprobs or alternatives:
+        scores = torch.log_softmax(logits.float(), dim=-1)
+        chosen = scores.gather(-1, torch.tensor(tokens, device=logits.device).unsqueeze(-1)).squeeze(-1).tolist()
+        if alternatives:
+            values, ids = (t.tolist() for t in scores.topk(alternatives, dim=-1))
+            top = [list(zip(i, v)) for i, v in zip(ids, values)]
+    for row, sequence in enumerate(live):
+        if sequence is not None:
+            alternatives_here = top[row][: sequence.alternatives] if sequence.alternatives else None
+            sequence.add(tokens[row], chosen[row], alternatives_here)
+    return tokens
 
 
 class CacheRows:
@@ -195,28 +202,29 @@ class Decoder:
         self.rows = CacheRows(model.params.max_batch_size)
 
     def sequences(
-        self, prompt_tokens: list[list[int]], max_gen_len: int, tokenizer: Tokenizer, stop: list[str] | None = None
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        tokenizer: Tokenizer,
+        sampling: SamplingParams,
+        stop: list[str] | None = None,
     ) -> list[Sequence]:
         """Check the prompts; one Sequence each, allowed max_gen_len new tokens or what the window leaves.
 
         With stop (a list, maybe empty), each sequence also streams its text, cut before those strings.
+        With a seed, sequence i draws from a generator seeded with seed + i.
         """
         params = self.model.params
         check_prompts(prompt_tokens, params.max_batch_size, params.max_seq_len, params.vocab_size)
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool):
-            raise TypeError(f"max_gen_len must be a whole number of tokens, got {max_gen_len!r}")
-        if max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        max_seq_len = params.max_seq_len
-        return [
-            Sequence(
-                tokens,
-                min(len(tokens) + max_gen_len, max_seq_len) - len(tokens),
-                tokenizer.eos_id,
-                None if stop is None else TextStream(tokenizer, stop),
-            )
-            for tokens in prompt_tokens
-        ]
+        check_max_gen_len(max_gen_len)
+        sequences = []
+        for i, tokens in enumerate(prompt_tokens):
+            own = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i)
+            sampler = SequenceSampler(own, tokens, params.vocab_size, self.device)
+            budget = min(len(tokens) + max_gen_len, params.max_seq_len) - len(tokens)
+            stream = None if stop is None else TextStream(tokenizer, stop)
+            sequences.append(Sequence(tokens, budget, tokenizer.eos_id, sampler, stream))
+        return sequences
 
     def prefill(self, sequences: list[Sequence], logprobs: bool, reuse: bool) -> torch.Tensor:
         """Run all prompts through the model at once; return the logits of each one's next token.
@@ -249,9 +257,7 @@ class Decoder:
         return check_finite(logits[rows, last])
 
     @torch.inference_mode()
-    def run(
-        self, sequences: list[Sequence], temperature: float, top_p: float, logprobs: bool = False, reuse: bool = False
-    ) -> Iterator[list[str]]:
+    def run(self, sequences: list[Sequence], logprobs: bool = False, reuse: bool = False) -> Iterator[list[str]]:
         """Prefill, then give every unfinished sequence a sampled token and feed the tokens back,
         until all are finished.
 
@@ -266,19 +272,14 @@ class Decoder:
         for step in itertools.count():
             if all(sequence.finished for sequence in sequences):
                 return
-            next_token = sample(next_logits, temperature, top_p)
-            tokens = next_token.tolist()
-            token_lps = token_logprobs(next_logits, next_token).tolist() if logprobs else [None] * len(tokens)
             live = [not sequence.finished for sequence in sequences]
-            for sequence, token, logprob, running in zip(sequences, tokens, token_lps, live):
-                if running:
-                    sequence.add(token, logprob)
+            tokens = take(sequences, next_logits, logprobs)
             yield [sequence.take_text() for sequence in sequences]
             if all(sequence.finished for sequence in sequences):
                 return
             positions = [min(len(sequence.prompt) + step, max_seq_len - 1) for sequence in sequences]
             start_pos = positions[0] if len(set(positions)) == 1 else positions
-            next_logits = self.step(self.model, next_token, start_pos)
+            next_logits = self.step(self.model, torch.tensor(tokens, device=self.device), start_pos)
             for row, running in enumerate(live):
                 if running:  # fed at the position right after what the row holds
                     self.rows.append(row, [tokens[row]])

@@ -3,7 +3,7 @@
 import itertools
 import time
 from collections.abc import Iterator
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -17,10 +17,11 @@ from llama.chat_format import (
     with_refusals,
 )
 from llama.compile import compile_decode_step
-from llama.decoding import Decoder, check_sampling, decode_step
+from llama.decoding import Decoder, decode_step
 from llama.loading import find_tokenizer, load_model
 from llama.model import Transformer
 from llama.runtime import choose_runtime, init_model_parallel, is_main_process
+from llama.sampling import sampling_params
 from llama.streaming import check_stop, join_deltas
 from llama.tokenizer import Tokenizer
 
@@ -94,16 +95,20 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        **sampling: Any,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Continue each prompt until EOS, max_gen_len new tokens, or max_seq_len.
 
         Each prompt is prefilled whole in one batched forward pass (right-padded), then every
         sequence decodes at its own position, so prompts of different lengths cost no extra passes.
         With logprobs, each token's log-probability given the tokens before it (0 for the first).
+        Further sampling options (top_k, min_p, presence_penalty, frequency_penalty,
+        repetition_penalty, logit_bias, seed) are llama.sampling.SamplingParams'; every method
+        that generates takes them.
         """
-        check_sampling(temperature, top_p)
-        sequences = self._decoder.sequences(prompt_tokens, max_gen_len, self.tokenizer)
-        for _ in self._decoder.run(sequences, temperature, top_p, logprobs):
+        params = sampling_params(temperature, top_p, sampling)
+        sequences = self._decoder.sequences(prompt_tokens, max_gen_len, self.tokenizer, params)
+        for _ in self._decoder.run(sequences, logprobs):
             pass
         tokens = [(s.prompt if echo else []) + s.tokens for s in sequences]
         if not logprobs:
@@ -118,6 +123,7 @@ class Llama:
         top_p: float = 0.9,
         stop: str | list[str] | None = None,
         reuse_cache: bool = False,
+        **sampling: Any,
     ) -> Iterator[list[str]]:
         """generate, as text: after each step, yield the new text of every sequence ("" where there is none).
 
@@ -126,11 +132,11 @@ class Llama:
         prompt), the part of the prompt that the cache still holds from the last call is not run again.
         The arguments are checked here, before the first step.
         """
-        check_sampling(temperature, top_p)
-        sequences = self._decoder.sequences(prompt_tokens, max_gen_len, self.tokenizer, check_stop(stop))
+        params = sampling_params(temperature, top_p, sampling)
+        sequences = self._decoder.sequences(prompt_tokens, max_gen_len, self.tokenizer, params, check_stop(stop))
         if reuse_cache and len(sequences) != 1:
             raise ValueError(f"reuse_cache works with one prompt at a time, got {len(sequences)}")
-        return self._decoder.run(sequences, temperature, top_p, reuse=reuse_cache)
+        return self._decoder.run(sequences, reuse=reuse_cache)
 
     def text_completion(
         self,
@@ -141,6 +147,7 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop: str | list[str] | None = None,
+        **sampling: Any,
     ) -> list[CompletionPrediction]:
         """Complete each prompt; by default generate until EOS or the end of the context window.
 
@@ -150,11 +157,11 @@ class Llama:
         if check_stop(stop):
             if logprobs or echo:
                 raise ValueError("stop strings cannot be combined with logprobs or echo: drop one or the other")
-            stream = self.text_completion_stream(prompts, temperature, top_p, max_gen_len, stop)
+            stream = self.text_completion_stream(prompts, temperature, top_p, max_gen_len, stop, **sampling)
             return [{"generation": text} for text in join_deltas(stream, len(prompts))]
         prompt_tokens = self._encode_prompts(prompts)
         tokens, token_logprobs = self.generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo
+            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo, **sampling
         )
         return [self._prediction(self.tokenizer.decode(t), t, lp) for t, lp in zip(tokens, token_logprobs or _none())]
 
@@ -165,13 +172,15 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         stop: str | list[str] | None = None,
+        **sampling: Any,
     ) -> Iterator[list[str]]:
         """text_completion as it is generated: after each step, a list with each prompt's new text.
 
         Each prompt's deltas add up to its text_completion "generation" for the same arguments (and seed).
         """
         prompt_tokens = self._encode_prompts(prompts)
-        return self.generate_stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, stop)
+        max_gen_len = self._max_gen_len(max_gen_len)
+        return self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, stop, **sampling)
 
     def chat_completion(
         self,
@@ -180,6 +189,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         logprobs: bool = False,
+        **sampling: Any,
     ) -> list[ChatPrediction]:
         """Answer the last user message of each dialog in the Llama 2 chat format.
 
@@ -190,7 +200,7 @@ class Llama:
         answers, answer_logprobs = [], None
         if prompt_tokens:
             answers, answer_logprobs = self.generate(
-                prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs
+                prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, **sampling
             )
         predictions = [
             self._prediction(_assistant(self.tokenizer.decode(t)), t, lp)
@@ -205,6 +215,7 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: int | None = None,
+        **sampling: Any,
     ) -> Iterator[list[str]]:
         """chat_completion as it is generated: after each step, a list with each answer's new text.
 
@@ -214,7 +225,8 @@ class Llama:
         refused, prompt_tokens = self._chat_prompts(dialogs)
         answers = iter([])
         if prompt_tokens:
-            answers = self.generate_stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p)
+            max_gen_len = self._max_gen_len(max_gen_len)
+            answers = self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **sampling)
         return stream_with_refusals(refused, answers)
 
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:

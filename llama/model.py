@@ -171,22 +171,24 @@ class KVCache(nn.Module):
         self.register_buffer("v", like.new_zeros(shape), persistent=False)
 
     def update(
-        self, positions: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: int
+        self, positions: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: int, first_row: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (batch, seqlen, kv_heads, head_dim); return the cache's first cache_len positions.
+        """Store k, v (batch, seqlen, kv_heads, head_dim) in the rows from first_row on; return
+        those rows' first cache_len positions.
 
         positions is the start of a run shared by the batch (a plain slice copy) or each token's
         own position, (batch, seqlen), when sequences are at different points.
         """
         bsz, seqlen = k.shape[:2]
+        k_rows, v_rows = self.k[first_row : first_row + bsz], self.v[first_row : first_row + bsz]
         if isinstance(positions, int):
-            self.k[:bsz, :, positions : positions + seqlen] = k.transpose(1, 2)
-            self.v[:bsz, :, positions : positions + seqlen] = v.transpose(1, 2)
+            k_rows[:, :, positions : positions + seqlen] = k.transpose(1, 2)
+            v_rows[:, :, positions : positions + seqlen] = v.transpose(1, 2)
         else:
             rows = torch.arange(bsz, device=k.device).unsqueeze(1)
-            self.k[rows, :, positions] = k
-            self.v[rows, :, positions] = v
-        return self.k[:bsz, :, :cache_len], self.v[:bsz, :, :cache_len]
+            k_rows[rows, :, positions] = k
+            v_rows[rows, :, positions] = v
+        return k_rows[:, :, :cache_len], v_rows[:, :, :cache_len]
 
 
 class Attention(nn.Module):
@@ -208,6 +210,7 @@ class Attention(nn.Module):
         rotary: torch.Tensor,
         mask: torch.Tensor | None,
         cache_len: int,
+        first_row: int,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -217,7 +220,7 @@ class Attention(nn.Module):
         if self.cache is None:  # the tokens attend to each other only
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         else:
-            keys, values = self.cache.update(positions, k, v, cache_len)
+            keys, values = self.cache.update(positions, k, v, cache_len, first_row)
 
         # Without a mask every cached position is visible; a causal prefill from position 0
         # lets the fused kernel build its own triangle.
@@ -256,8 +259,9 @@ class TransformerBlock(nn.Module):
         rotary: torch.Tensor,
         mask: torch.Tensor | None,
         cache_len: int,
+        first_row: int,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, rotary, mask, cache_len)
+        h = x + self.attention(self.attention_norm(x), positions, rotary, mask, cache_len, first_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -297,11 +301,12 @@ class Transformer(nn.Module):
     def has_cache(self) -> bool:
         return self.layers[0].attention.cache is not None
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int | list[int]) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int | list[int], first_row: int = 0) -> torch.Tensor:
         """The final normalised hidden states for tokens (batch, seqlen), written into the cache.
 
         start_pos is the position of tokens[:, 0]: one int for the whole batch (the reference's
         contract), or one int per sequence so prompts of different lengths can decode together.
+        The batch's sequences use the cache rows from first_row on.
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
@@ -325,7 +330,7 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, positions, rotary, mask, cache_len)
+            h = layer(h, positions, rotary, mask, cache_len, first_row)
         return self.norm(h)
 
     @staticmethod

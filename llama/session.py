@@ -3,8 +3,8 @@
 from collections.abc import Iterator
 
 from llama.chat_format import SPECIAL_TAGS, Dialog, Message, encode_dialog, has_special_tags
-from llama.decoding import check_sampling
 from llama.generation import Llama
+from llama.sampling import SamplingParams
 from llama.tokenizer import check_unicode
 
 
@@ -34,7 +34,7 @@ class ChatSession:
                 f"max_gen_len must be between 1 and {max_seq_len - 1} to leave room for the dialog "
                 f"in max_seq_len={max_seq_len}, got {max_gen_len}"
             )
-        check_sampling(temperature, top_p)
+        SamplingParams(temperature, top_p)  # checked now, not at the first turn
         if system is not None and has_special_tags([{"role": "system", "content": system}]):
             raise ValueError(f"the system prompt contains one of the special tags {', '.join(SPECIAL_TAGS)}: remove it")
         self.generator = generator

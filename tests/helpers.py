@@ -1,6 +1,7 @@
 """What tests share besides fixtures: small model shapes, random checkpoints, and running commands."""
 
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -13,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+import httpx
+import openai
 import torch
 
 from llama.bench import random_state_dict
@@ -147,3 +150,46 @@ def torchrun(*args: str) -> list[str]:
 def environment() -> dict[str, str]:
     """For commands run as users run them: this checkout importable, one thread per process, loopback."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+class Served:
+    """A server running in a subprocess, and clients for it."""
+
+    def __init__(self, url: str, job: subprocess.Popen, key: str | None = None):
+        self.url, self.job, self.key = url, job, key
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=key or "unused", max_retries=0, timeout=120)
+        self.aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key or "unused", max_retries=0, timeout=120)
+
+    def post(self, path: str, body, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        content = body if isinstance(body, bytes | str) else json.dumps(body)
+        headers["content-type"] = "application/json"
+        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=120, **kwargs)
+
+    def metric(self, name: str) -> float:
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        text = httpx.get(f"{self.url}/metrics", headers=headers).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+@contextlib.contextmanager
+def started(*flags: str, command: list[str] | None = None, key: str | None = None) -> Iterator[Served]:
+    port = free_port()
+    command = (command or [sys.executable, "-m", "llama.serve"]) + ["--port", str(port), *flags]
+    job = subprocess.Popen(
+        command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with killed_afterwards(job):
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        yield Served(url, job, key)
+        job.terminate()
+        job.wait(timeout=30)

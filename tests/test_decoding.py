@@ -3,17 +3,10 @@
 import torch
 
 from llama import Llama
-from llama.decoding import CacheRows, Sequence, sample_top_p
+from llama.decoding import CacheRows, Sequence
+from llama.sampling import SamplingParams, SequenceSampler
 from llama.streaming import TextStream
 from tests.helpers import prompt_ids
-
-
-def test_sample_top_p_keeps_only_the_nucleus() -> None:
-    probs = torch.tensor([[0.5, 0.3, 0.2]]).expand(2000, 3).clone()
-    samples = sample_top_p(probs, 0.6)
-    assert samples.shape == (2000, 1)
-    counts = torch.bincount(samples.flatten(), minlength=3)
-    assert counts[2] == 0 and counts[0] > counts[1] > 0
 
 
 class Letters:
@@ -25,12 +18,16 @@ class Letters:
         return "".join(chr(ord("a") + t - 1) for t in tokens if t != self.eos_id)
 
 
+def sampler() -> SequenceSampler:
+    return SequenceSampler(SamplingParams(), [1], vocab_size=27, device=torch.device("cpu"))
+
+
 def streamed(budget: int, stop: list[str]) -> Sequence:
-    return Sequence([1, 2], budget, eos_id=0, stream=TextStream(Letters(), stop))
+    return Sequence([1, 2], budget, eos_id=0, sampler=sampler(), stream=TextStream(Letters(), stop))
 
 
 def test_a_sequence_finishes_at_eos_without_keeping_it() -> None:
-    sequence = Sequence([1], budget=5, eos_id=0)
+    sequence = Sequence([1], budget=5, eos_id=0, sampler=sampler())
     for token, logprob in ((3, -0.5), (4, -0.25), (0, -1.0)):
         sequence.add(token, logprob)
     assert sequence.finish_reason == "stop"
@@ -38,12 +35,12 @@ def test_a_sequence_finishes_at_eos_without_keeping_it() -> None:
 
 
 def test_a_sequence_finishes_when_its_budget_is_spent() -> None:
-    sequence = Sequence([1], budget=2, eos_id=0)
+    sequence = Sequence([1], budget=2, eos_id=0, sampler=sampler())
     sequence.add(5)
     assert not sequence.finished
     sequence.add(6)
     assert sequence.finish_reason == "length" and sequence.tokens == [5, 6]
-    assert Sequence([1], budget=0, eos_id=0).finish_reason == "length"
+    assert Sequence([1], budget=0, eos_id=0, sampler=sampler()).finish_reason == "length"
 
 
 def test_a_streamed_sequence_finishes_at_a_stop_string_and_hands_out_text_once() -> None:
@@ -73,8 +70,8 @@ def test_cache_rows_reuse_the_shared_prefix_and_leave_a_token_to_run() -> None:
 
 def test_the_decoder_records_what_each_row_holds(generator: Llama) -> None:
     decoder = generator._decoder
-    sequences = decoder.sequences(prompt_ids(generator.tokenizer), 4, generator.tokenizer)
-    steps = len(list(decoder.run(sequences, temperature=0, top_p=1.0)))
+    sequences = decoder.sequences(prompt_ids(generator.tokenizer), 4, generator.tokenizer, SamplingParams(0.0))
+    steps = len(list(decoder.run(sequences)))
     for row, sequence in enumerate(sequences):
         # Every token sampled before the last step was fed back (EOS too, while others went on);
         # a sequence finished earlier held still.

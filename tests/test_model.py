@@ -189,3 +189,21 @@ def test_weight_layout_is_the_networks_own(params: dict) -> None:
         assert (split.dim is None) == key.endswith("norm.weight")
         heads = {"wq.weight": args.n_heads, "wk.weight": args.n_kv_heads, "wv.weight": args.n_kv_heads}
         assert split.heads == next((n for name, n in heads.items() if key.endswith(name)), None)
+
+
+def test_a_sequence_in_any_cache_row_gives_the_same_logits() -> None:
+    """A server's slot is a cache row: a sequence prefilled and decoded in row 2 equals one in row 0."""
+    args = model_args(GROUPED_QUERY, VOCAB)
+    args.max_seq_len, args.max_batch_size = 32, 4
+    model, _ = build(args)
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    in_row_0 = [model(tokens[:, :9], 0), model(tokens[:, 9:12], [9])]
+    other = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
+    model.hidden_states(other, 0, first_row=0)  # row 0 now holds another sequence
+    in_row_2 = [model.logits(model.hidden_states(tokens[:, :9], 0, first_row=2))]
+    in_row_2.append(model.logits(model.hidden_states(tokens[:, 9:12], [9], first_row=2)))
+    for ours, theirs in zip(in_row_2, in_row_0):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # Rows 1 to 3 decoding together, each at its own position, as a server's slots do.
+    together = model.logits(model.hidden_states(tokens[:, 11:12].expand(3, 1), [11, 11, 11], first_row=1))
+    torch.testing.assert_close(together[1], in_row_0[1][:, -1], atol=1e-5, rtol=1e-5)
