@@ -7,6 +7,7 @@ it is alive every few seconds, so that one whose collective times out can name t
 stopped answering, and a message that several processes would print is printed once.
 """
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -189,19 +190,32 @@ def say_once(line: str, topic: str | None = None) -> None:
 
 
 class Heartbeat(threading.Thread):
-    """Tells the group every HEARTBEAT_S seconds that this process is alive (see silent_peers)."""
+    """Tells the group every HEARTBEAT_S seconds that this process is alive (see silent_peers).
+
+    It is stopped and joined when the interpreter exits: a thread still inside a store call while
+    the interpreter tears down aborts the process ("terminate called without an active exception").
+    """
 
     def __init__(self):
         super().__init__(name="llama-heartbeat", daemon=True)
-        self.store, self.key = group_store(), store_key(f"alive/{rank()}")
+        self.key, self.stopping = store_key(f"alive/{rank()}"), threading.Event()
+
+    def start(self) -> None:
+        super().start()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
 
     def run(self) -> None:
-        while self.store is not None:
+        store = group_store()
+        while store is not None and not self.stopping.is_set():
             try:
-                self.store.add(self.key, 1)
+                store.add(self.key, 1)
             except RuntimeError:
                 return
-            time.sleep(HEARTBEAT_S)
+            self.stopping.wait(HEARTBEAT_S)
 
 
 def silent_peers() -> list[int] | None:

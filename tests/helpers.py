@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,6 +121,37 @@ def killed_afterwards(job: subprocess.Popen) -> Iterator[subprocess.Popen]:
                 else:
                     job.kill()
             job.wait()
+
+
+def run_together(commands: list[list[str]], timeout: float, **popen) -> list[subprocess.CompletedProcess]:
+    """Start the commands side by side (the nodes of one group) and wait for all of them.
+
+    Their stderr goes to files, not pipes: a pipe that nobody reads while the test waits on
+    another node fills up and stops its writer, and the whole group with it. Past the deadline
+    every node is killed and the test fails with what each one said.
+    """
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        jobs = [
+            stack.enter_context(
+                killed_afterwards(subprocess.Popen(c, stderr=f, text=True, start_new_session=True, **popen))
+            )
+            for c, f in zip(commands, files)
+        ]
+        deadline = time.monotonic() + timeout
+        while any(job.poll() is None for job in jobs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        said = []
+        for f in files:
+            f.seek(0)
+            said.append(f.read())
+        unfinished = [i for i, job in enumerate(jobs) if job.poll() is None]
+        assert not unfinished, f"nodes {unfinished} still running after {timeout} s; they said:\n" + "\n".join(
+            f"--- node {i}:\n{text[-3000:]}" for i, text in enumerate(said)
+        )
+        return [
+            subprocess.CompletedProcess(c, job.returncode, None, text) for c, job, text in zip(commands, jobs, said)
+        ]
 
 
 def read_until(stream: IO[str], done: Callable[[str], bool], timeout: float) -> str:

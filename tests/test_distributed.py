@@ -23,6 +23,7 @@ from tests.helpers import (
     free_port,
     killed_afterwards,
     read_until,
+    run_together,
     torchrun,
     write_checkpoint,
 )
@@ -121,16 +122,14 @@ def test_compiled_decode_step_on_two_processes_matches_one_eager_process(
 def test_two_nodes_over_loopback(
     checkpoint_2_shards: Path, tokenizer_path: str, single_process: dict, tmp_path: Path
 ) -> None:
-    port = str(free_port())
-    nodes = []
+    port, commands = str(free_port()), []
     for node_rank in ("0", "1"):
         command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node_rank)
         command += ["--master_addr", "127.0.0.1", "--master_port", port, WORKER]
-        command += [str(tmp_path), tokenizer_path, str(checkpoint_2_shards)]
-        nodes.append(subprocess.Popen(command, env=environment(), stderr=subprocess.PIPE, text=True))
-    for node in nodes:
-        _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+        commands.append(command + [str(tmp_path), tokenizer_path, str(checkpoint_2_shards)])
+    # A peer that hangs is named by the other node well before the test gives up.
+    for node in run_together(commands, timeout=300, env={**environment(), "LLAMA_TIMEOUT": "120"}):
+        assert node.returncode == 0, node.stderr[-3000:]
     for rank in range(2):
         result = torch.load(tmp_path / f"{checkpoint_2_shards.name}-rank{rank}.pt", weights_only=True)
         assert_same(result, single_process)
@@ -152,13 +151,13 @@ def assert_no_trace_from_the_ranks(stderr: str) -> None:
 
 
 def test_a_bad_folder_on_one_node_is_named_there_and_the_other_node_stops_at_once(tmp_path: Path) -> None:
-    port, nodes, started = str(free_port()), [], time.monotonic()
+    port, commands, started = str(free_port()), [], time.monotonic()
     for node_rank, folder in (("0", DEMO_MP2), ("1", tmp_path / "nowhere")):
         command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node_rank)
         command += ["--master_addr", "127.0.0.1", "--master_port", port, "example_text_completion.py"]
-        command += ["--ckpt_dir", str(folder), "--max_gen_len", "4"]
-        nodes.append(subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True))
-    errors = [node.communicate(timeout=120)[1] for node in nodes]
+        commands.append(command + ["--ckpt_dir", str(folder), "--max_gen_len", "4"])
+    nodes = run_together(commands, timeout=120, cwd=ROOT, env=environment())
+    errors = [node.stderr for node in nodes]
     assert [node.returncode for node in nodes] == [1, 1]
     assert time.monotonic() - started < 60  # not the collective timeout
     assert our_lines(errors[1]) == [
