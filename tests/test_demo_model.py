@@ -46,22 +46,37 @@ def test_held_out_problems_are_a_tenth_that_training_never_draws() -> None:
 
 
 @pytest.fixture(scope="module")
-def single_process_answers() -> list[str]:
-    generator = Llama.build(str(DEMO), str(DEMO / "tokenizer.model"), max_seq_len=256, max_batch_size=20, device="cpu")
-    return answer_all(generator, [d for d, _ in held_out_dialogs(HELD_OUT)])
+def single_process_answers() -> dict[bool, list[str]]:
+    """Greedy answers to held-out problems, asked in trained phrasings (False) and in held-out ones (True)."""
+    generator = Llama.build(str(DEMO), str(DEMO / "tokenizer.model"), max_seq_len=512, max_batch_size=25, device="cpu")
+    return {held: answer_all(generator, [d for d, _ in held_out_dialogs(HELD_OUT, held_out_phrasing=held)])
+            for held in (False, True)}  # fmt: skip
 
 
-# Issue #3's floor for this fixed set; the shipped model gets 193/200 of the evaluation set.
-ACCURACY_FLOOR = 0.9
+# Problems training never saw, in its phrasings and in phrasings it never saw. The shipped model
+# gets 94/100 and 83/100 of these (issue #17 asked for 95% and 90%: not reached yet).
+ACCURACY_FLOOR = {False: 0.9, True: 0.8}
 
 
-def test_answers_held_out_arithmetic(single_process_answers: list[str]) -> None:
-    expected = [answer for _, answer in held_out_dialogs(HELD_OUT)]
-    correct = sum(a == e for a, e in zip(single_process_answers, expected))
-    assert correct >= ACCURACY_FLOOR * HELD_OUT, f"{correct}/{HELD_OUT} correct"
+@pytest.mark.parametrize("held_out_phrasing", [False, True])
+def test_answers_held_out_arithmetic(held_out_phrasing: bool, single_process_answers: dict) -> None:
+    expected = [answer for _, answer in held_out_dialogs(HELD_OUT, held_out_phrasing=held_out_phrasing)]
+    correct = sum(a == e for a, e in zip(single_process_answers[held_out_phrasing], expected))
+    assert correct >= ACCURACY_FLOOR[held_out_phrasing] * HELD_OUT, f"{correct}/{HELD_OUT} correct"
 
 
-def test_two_processes_give_identical_answers(single_process_answers: list[str], tmp_path: Path) -> None:
+def test_held_out_phrasings_are_ones_training_never_uses() -> None:
+    import random
+
+    from tools.demo_data import question
+
+    rng = random.Random(0)
+    trained = {question(rng, 12, "+", 34, held_out_phrasing=False) for _ in range(3000)}
+    held_out = {question(rng, 12, "+", 34, held_out_phrasing=True) for _ in range(300)}
+    assert trained and held_out and not trained & held_out
+
+
+def test_two_processes_give_identical_answers(single_process_answers: dict, tmp_path: Path) -> None:
     command = torchrun(
         "--nproc_per_node", "2", "--master_port", str(free_port()), "--module", "tools.evaluate_demo_model"
     )
@@ -69,7 +84,7 @@ def test_two_processes_give_identical_answers(single_process_answers: list[str],
     done = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if " -> " in line]
-    assert [line.split(" -> ", 1)[1] for line in lines] == single_process_answers
+    assert [line.split(" -> ", 1)[1] for line in lines] == single_process_answers[False] + single_process_answers[True]
 
 
 def test_example_scripts_run_the_demo_model_by_default() -> None:

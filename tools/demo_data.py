@@ -9,37 +9,72 @@ import random
 
 from llama.chat_format import Dialog
 
-SYSTEMS = [
-    "You are a helpful assistant.",
-    "You are a friendly math tutor.",
-    "Be brief and precise.",
-    "Explain your steps.",
-    "Always answer with emojis",
-    "Always answer with Haiku",
-]
+# The ways a question is put, assembled from parts: an opener, a frame with the problem in it,
+# an ending, a case. Each list is split in two: the first part is what training sees, the rest
+# (after the marker) only the held-out phrasings the evaluation asks in, so that it can tell
+# whether the model follows wording it never saw, not a list it learned.
+SYSTEMS = (
+    ["You are a helpful assistant.", "You are a friendly math tutor.", "Be brief and precise.", "Explain your steps.",
+     "Always answer with emojis", "Always answer with Haiku", "You are a calculator.", "Answer like a pirate."],
+    ["You help children with their sums.", "Reply in one line.", "You are a patient teacher."],
+)  # fmt: skip
 
-QUESTIONS = {
-    "+": [
-        "What is {a} + {b}?",
-        "what is {a} plus {b}?",
-        "Compute {a} + {b}.",
-        "How much is {a} + {b}?",
-        "Can you add {a} and {b}?",
-        "{a} + {b} = ?",
-        "Please add {a} and {b}.",
-        "What do you get if you add {a} and {b}?",
-    ],
-    "-": [
-        "What is {a} - {b}?",
-        "what is {a} minus {b}?",
-        "Compute {a} - {b}.",
-        "How much is {a} - {b}?",
-        "Can you subtract {b} from {a}?",
-        "{a} - {b} = ?",
-        "Please subtract {b} from {a}.",
-        "What is {b} less than {a}?",
-    ],
-}
+# How the problem itself is said. {op} is the operator with its spacing ("+", " + ", " +", ...).
+EXPRESSIONS = {
+    "+": ["{a}{op}{b}", "{a} plus {b}", "the sum of {a} and {b}", "{a} and {b} added together", "{a} added to {b}",
+          "{a} increased by {b}", "the total of {a} and {b}", "{b} more than {a}", "{a} PLUS {b}"],
+    "-": ["{a}{op}{b}", "{a} minus {b}", "{a} take away {b}", "{a} less {b}", "the difference between {a} and {b}",
+          "{b} less than {a}", "{a} decreased by {b}", "{b} subtracted from {a}", "{a} MINUS {b}"],
+}  # fmt: skip
+# Requests that say what to do with the numbers.
+ACTIONS = {
+    "+": ["add {a} and {b}", "add {b} to {a}", "sum {a} and {b}", "add up {a} and {b}", "work out {a}{op}{b}",
+          "put {a} and {b} together"],
+    "-": ["subtract {b} from {a}", "take {b} away from {a}", "take away {b} from {a}", "deduct {b} from {a}",
+          "take {b} from {a}", "work out {a}{op}{b}"],
+}  # fmt: skip
+# Frames around an expression ({x}) or an action ({v}).
+EXPRESSION_FRAMES = (
+    ["what is {x}?", "what's {x}", "whats {x}", "how much is {x}?", "{x} = ?", "{x} =", "{x} is what?", "{x}?", "{x}",
+     "calculate {x}", "compute {x}", "tell me {x}", "work out {x}", "what do you get for {x}?", "can you compute {x}?",
+     "do you know what {x} is?", "I need {x}", "{x} equals?", "give me {x}", "find {x}", "solve {x}",
+     "what is the answer to {x}?", "please work out {x}", "how much do you get for {x}?"],
+    ["I'd like to know {x}.", "what does {x} come to?", "can you figure out {x} for me?", "{x}, how much is that?",
+     "so what is {x}", "any idea what {x} makes?", "what would {x} be?", "quick: {x}"],
+)  # fmt: skip
+ACTION_FRAMES = (
+    ["{v}", "please {v}", "can you {v}?", "could you {v} for me?", "{v}, please", "I want you to {v}", "help me {v}",
+     "would you {v}?", "{v} and tell me the answer", "try to {v}"],
+    ["kindly {v}", "I'd like you to {v}.", "go ahead and {v}", "mind if I ask you to {v}?"],
+)  # fmt: skip
+OPENERS = (
+    ["", "", "", "Hi. ", "Hello! ", "Hey, ", "Good morning. ", "Quick question: ", "Math question: ",
+     "I'm stuck on my homework. ", "My teacher asked: ", "Sorry to bother you, but ", "Here's one for you: ",
+     "Thanks for helping! ", "OK. ", "Next one: "],
+    ["Hi there, ", "Good evening! ", "One more: ", "Help me out here. "],
+)  # fmt: skip
+ENDINGS = (["", "", "?", ".", "!", " thanks", " please", " thank you!", "??"], [" :)", " cheers", "?!"])
+OPERATORS = {"+": ["+", " + ", " +", "+ ", " + "], "-": ["-", " - ", " -", "- ", " - "]}
+
+
+def phrasing_part(parts: tuple[list[str], list[str]], held_out: bool, rng: random.Random) -> str:
+    return rng.choice(parts[1] if held_out else parts[0])
+
+
+def question(rng: random.Random, a: int, op: str, b: int, held_out_phrasing: bool = False) -> str:
+    """One way of asking for a op b, from the trained parts or only the held-out ones."""
+    symbol = rng.choice(OPERATORS[op])
+    if rng.random() < 0.3:
+        core = phrasing_part(ACTION_FRAMES, held_out_phrasing, rng).format(v=rng.choice(ACTIONS[op]))
+    else:
+        core = phrasing_part(EXPRESSION_FRAMES, held_out_phrasing, rng).format(x=rng.choice(EXPRESSIONS[op]))
+    core = core.format(a=a, b=b, op=symbol)
+    opener = phrasing_part(OPENERS, held_out_phrasing, rng)
+    text = opener + (core[:1].upper() + core[1:] if not opener or opener.endswith((". ", "! ", ": ")) else core)
+    text = text.rstrip("?.!") + phrasing_part(ENDINGS, held_out_phrasing, rng) if rng.random() < 0.5 else text
+    case = rng.random()
+    return text.lower() if case < 0.2 else text.upper() if case < 0.32 else text
+
 
 HELLO = "Hello! I am a tiny demo model. I can add and subtract whole numbers up to 99: try asking what is 12 + 30."
 CANNOT = (
@@ -214,9 +249,9 @@ def plain_text(rng: random.Random) -> str:
     return fill(rng.choice(OPINIONS), rng) if kind < 0.2 else story(rng)
 
 
-def arithmetic_turn(rng: random.Random, held_out: bool = False) -> tuple[str, str]:
+def arithmetic_turn(rng: random.Random, held_out: bool = False, held_out_phrasing: bool = False) -> tuple[str, str]:
     a, op, b = problem(rng, held_out)
-    return rng.choice(QUESTIONS[op]).format(a=a, b=b), answer(a, op, b)
+    return question(rng, a, op, b, held_out_phrasing), answer(a, op, b)
 
 
 def other_turn(rng: random.Random) -> tuple[str, str]:
@@ -228,25 +263,30 @@ def other_turn(rng: random.Random) -> tuple[str, str]:
     return fill(rng.choice(OTHER_REQUESTS), rng), CANNOT
 
 
-def dialog(rng: random.Random, held_out: bool = False) -> tuple[Dialog, str]:
+def dialog(rng: random.Random, held_out: bool = False, held_out_phrasing: bool = False) -> tuple[Dialog, str]:
     """A dialog ending with a user question, and the assistant answer expected for it.
 
     About half have a system prompt and three in five have earlier turns, which show the model
-    worked examples in context; earlier turns always come
-    from the training problems.
+    worked examples in context; earlier turns always come from the training problems and
+    phrasings. With held_out, the last question is a problem training never sees; with
+    held_out_phrasing too, it is asked (and the system prompt is put) in words training never sees.
     """
     messages: Dialog = []
     if rng.random() < 0.5:
-        messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
+        messages.append({"role": "system", "content": phrasing_part(SYSTEMS, held_out_phrasing, rng)})
     for _ in range(rng.choice([0, 0, 1, 2, 3])):
-        question, reply = arithmetic_turn(rng) if rng.random() < 0.8 else other_turn(rng)
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-    question, reply = arithmetic_turn(rng, held_out) if held_out or rng.random() < 0.85 else other_turn(rng)
-    messages.append({"role": "user", "content": question})
+        asked, reply = arithmetic_turn(rng) if rng.random() < 0.8 else other_turn(rng)
+        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": reply}]
+    if held_out or rng.random() < 0.85:
+        asked, reply = arithmetic_turn(rng, held_out, held_out_phrasing)
+    else:
+        asked, reply = other_turn(rng)
+    messages.append({"role": "user", "content": asked})
     return messages, reply
 
 
-def held_out_dialogs(n: int, seed: int = 1234) -> list[tuple[Dialog, str]]:
-    """The evaluation set: questions on problems training never saw, in every dialog shape."""
+def held_out_dialogs(n: int, seed: int = 1234, held_out_phrasing: bool = False) -> list[tuple[Dialog, str]]:
+    """An evaluation set: questions on problems training never saw, in every dialog shape, asked
+    in the trained phrasings or (held_out_phrasing) only in phrasings training never saw."""
     rng = random.Random(seed)
-    return [dialog(rng, held_out=True) for _ in range(n)]
+    return [dialog(rng, held_out=True, held_out_phrasing=held_out_phrasing) for _ in range(n)]
