@@ -16,10 +16,12 @@ def main(
     device: str | None = None,
     dtype: str | None = None,
     verify: bool = False,
+    quantize: str | None = None,
 ):
     """With no --ckpt_dir, the demo model in models/; --tokenizer_path defaults to the checkpoint's.
 
-    --verify checks the checkpoint against its checklist.chk before loading it.
+    --verify checks the checkpoint against its checklist.chk before loading it; --quantize int8
+    or int4 stores the weights as integers, quantized while loading (see llama.quantization).
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -29,6 +31,7 @@ def main(
         device=device,
         dtype=dtype,
         verify=verify,
+        quantize=quantize,
     )
     prompts = [
         # Plain continuations.

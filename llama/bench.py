@@ -4,6 +4,8 @@
     python -m llama.bench --ckpt_dir models/llama-2-demo
     python -m llama.bench --shape 110M --compare hf    # HF transformers on the same weights
     python -m llama.bench --shape 110M --compile       # the decode step through torch.compile
+    python -m llama.bench --shape 110M --compile --quantize int8   # int8 weights (int4, int4:g32)
+    python -m llama.bench --shape 110M --compile --quantize none,int8,int4 --compare hf   # side by side
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth / weight bytes;
 prefill is bound by arithmetic. Both ceilings are measured here, on this machine, and the
@@ -22,14 +24,16 @@ from types import SimpleNamespace
 
 import torch
 
-from llama.checkpoint import new_folder, save_checkpoint
+from llama.checkpoint import save_checkpoint
 from llama.cli import run_script
 from llama.generation import Llama
-from llama.loading import load_model
+from llama.loading import RankWeights, load_model, open_checkpoint
 from llama.memory import available_memory, check_memory
 from llama.model import SHAPES, ModelArgs, Transformer, num_parameters, weight_layout
+from llama.quantization import Scheme, check_groups, parse_scheme
 from llama.runtime import Runtime, choose_runtime, init_model_parallel, is_main_process
 from llama.tokenizer import Tokenizer
+from llama.writing import new_folder
 
 VOCAB_SIZE = 32000
 MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 8  # the KV cache every measurement fits in
@@ -95,7 +99,21 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    """Let the resident peak restart from here (Linux), so that each of several loads has its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -118,9 +136,11 @@ def best_time(run: Callable[[], object], device: torch.device, repeats: int = 3)
 
 
 def memory_bandwidth(device: torch.device) -> float:
-    """Bytes per second for reading a buffer far larger than any cache."""
+    """Bytes per second for reading a buffer far larger than any cache: the faster of two ways
+    (torch's sum, and BLAS's dot product of the buffer with itself, which reads it once)."""
     buffer = torch.ones(128 * 2**20, device=device)  # 512 MiB
-    return buffer.numel() * buffer.element_size() / best_time(buffer.sum, device, repeats=5)
+    fastest = min(best_time(read, device, repeats=5) for read in (buffer.sum, lambda: torch.dot(buffer, buffer)))
+    return buffer.nbytes / fastest
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -131,10 +151,10 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
-    """Weights read by one decode step: all of them but the embedding table, of which one row."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embedding = model.tok_embeddings.weight
-    return total - embedding.numel() * embedding.element_size()
+    """Weights read by one decode step (a quantized model's integers and scales): all of them but
+    the embedding table, of which one row."""
+    total = sum(t.nbytes for t in model.state_dict().values())
+    return total - model.tok_embeddings.weight.nbytes
 
 
 def flops_per_token(args: ModelArgs) -> float:
@@ -209,7 +229,9 @@ def measure(generator: Llama, runtime: Runtime, prompt_len: int, new_tokens: int
     return result
 
 
-def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime, compile: bool) -> tuple[Llama, dict]:
+def load(
+    ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime, compile: bool, quantize: Scheme | None
+) -> tuple[Llama, dict]:
     """Build the generator, recording load time and the peak memory added while loading."""
     init_model_parallel(runtime, 1)
     if tokenizer_path is not None:
@@ -217,14 +239,15 @@ def load(ckpt_dir: Path, tokenizer_path: str | None, runtime: Runtime, compile: 
         tokenizer.eos_id = -1  # a benchmark times a fixed number of tokens: EOS must not end a run
     else:  # random weights: token ids only
         tokenizer = SimpleNamespace(n_words=VOCAB_SIZE, bos_id=1, eos_id=-1, pad_id=-1)
+    reset_peak_rss()
     baseline = rss_bytes()
     start = time.perf_counter()
-    model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE)
+    model = load_model(ckpt_dir, tokenizer, runtime, MAX_SEQ_LEN, MAX_BATCH_SIZE, quantize=quantize)
     synchronize(runtime.device)
     loaded = {"load_s": time.perf_counter() - start, "load_peak_rss_bytes": peak_rss_bytes() - baseline}
-    loaded["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    loaded["weight_bytes"] = sum(t.nbytes for t in model.state_dict().values())
     # The KV cache is allocated while loading too; what is beyond it is the weights' cost.
-    loaded["kv_cache_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
+    loaded["kv_cache_bytes"] = sum(t.nbytes for layer in model.layers for t in layer.attention.cache.buffers())
     beyond_cache = loaded["load_peak_rss_bytes"] - loaded["kv_cache_bytes"]
     loaded["load_peak_rss_over_weights"] = beyond_cache / loaded["weight_bytes"]
     return Llama(model, tokenizer, compile), loaded
@@ -242,7 +265,9 @@ def main(
     work_dir: str = "~/.cache/llama-bench",
     json_path: str | None = None,
     compile: bool = False,
+    quantize: str | None = None,
 ) -> None:
+    schemes = parse_schemes(quantize)
     if (shape is None) == (ckpt_dir is None):
         raise ValueError(f"give either --shape ({', '.join(SHAPES)}) or --ckpt_dir")
     if compare not in (None, "hf"):
@@ -257,53 +282,95 @@ def main(
             raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
         # Before anything is written: would the model fit this machine?
         args = ModelArgs(**shape_params(shape), max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE)
-        check_memory(args, 1, runtime, available_memory(runtime.device))
+        for scheme in schemes:
+            check_memory(args, 1, runtime, available_memory(runtime.device), scheme)
         step(f"writing the random {shape} checkpoint (once)")
         folder = random_checkpoint(shape, Path(work_dir).expanduser(), runtime.dtype)
     else:
         folder = Path(ckpt_dir)
         if tokenizer_path is None:
             tokenizer_path = str(folder / "tokenizer.model")
-    step("loading")
-    generator, report = load(folder, tokenizer_path, runtime, compile)
-    args = generator.model.params
-    report |= {"model": shape or str(ckpt_dir), "device": str(runtime.device), "dtype": str(runtime.dtype)}
-    report["compile"] = compile
-    report |= measure(generator, runtime, prompt_len, new_tokens, step)
-    bandwidth, flops = report["bandwidth_bytes_per_s"], report["matmul_flops_per_s"]
-    report["decode_bound_tokens_per_s"] = bandwidth / weight_bytes_per_token(generator.model)
-    report["decode_of_bound"] = report["decode_tokens_per_s_batch_1"] / report["decode_bound_tokens_per_s"]
-    report["prefill_bound_tokens_per_s"] = flops / flops_per_token(args)
-    report["prefill_of_bound"] = report["prefill_tokens_per_s"] / report["prefill_bound_tokens_per_s"]
-    report["mixed_batch_speedup"] = report["mixed_batch_reference_loop_s"] / report["mixed_batch_s"]
-    if compare == "hf":
-        step("HF transformers on the same weights")
-        report |= measure_hf(
-            hugging_face_model(generator, runtime), runtime.device, prompt_len, new_tokens, args.vocab_size
-        )
-        report["decode_vs_hf"] = report["decode_tokens_per_s_batch_1"] / report["hf_decode_tokens_per_s_batch_1"]
-        report["prefill_vs_hf"] = report["prefill_tokens_per_s"] / report["hf_prefill_tokens_per_s"]
+    layout = weight_layout(open_checkpoint(folder).args)
+    for scheme in schemes:  # a group size the model cannot take is refused before anything is measured
+        if scheme is not None:
+            check_groups(layout, scheme, 1, [1])
+    reports, hf = [], {}
+    for scheme in schemes:
+        step(f"loading, weights as {scheme.name if scheme else 'they are'}")
+        generator, report = load(folder, tokenizer_path, runtime, compile, scheme)
+        args = generator.model.params
+        report |= {"model": shape or str(ckpt_dir), "device": str(runtime.device), "dtype": str(runtime.dtype)}
+        report |= {"compile": compile, "quantize": scheme.name if scheme else None}
+        report |= measure(generator, runtime, prompt_len, new_tokens, step)
+        bandwidth, flops = report["bandwidth_bytes_per_s"], report["matmul_flops_per_s"]
+        report["decode_bound_tokens_per_s"] = bandwidth / weight_bytes_per_token(generator.model)
+        report["decode_of_bound"] = report["decode_tokens_per_s_batch_1"] / report["decode_bound_tokens_per_s"]
+        report["prefill_bound_tokens_per_s"] = flops / flops_per_token(args)
+        report["prefill_of_bound"] = report["prefill_tokens_per_s"] / report["prefill_bound_tokens_per_s"]
+        report["mixed_batch_speedup"] = report["mixed_batch_reference_loop_s"] / report["mixed_batch_s"]
+        if compare == "hf" and not hf:
+            step("HF transformers on the same checkpoint, unquantized")
+            hf_model = hugging_face_model(folder, generator, runtime)
+            hf = measure_hf(hf_model, runtime.device, prompt_len, new_tokens, args.vocab_size)
+            del hf_model
+        if hf:
+            report |= hf
+            report["decode_vs_hf"] = report["decode_tokens_per_s_batch_1"] / hf["hf_decode_tokens_per_s_batch_1"]
+            report["prefill_vs_hf"] = report["prefill_tokens_per_s"] / hf["hf_prefill_tokens_per_s"]
+        reports.append(report)
+        if is_main_process():
+            print_table(report)
+            print(flush=True)
+        del generator  # before the next scheme's model is loaded
+        # Each model compiles the same decode step afresh; torch counts them all against one
+        # recompile limit, which fullgraph=True turns into an error.
+        torch.compiler.reset()
     if is_main_process():
-        print_table(report)
+        if len(reports) > 1:
+            print_comparison(reports)
         if json_path is not None:
             with open(json_path, "a") as out:
-                out.write(json.dumps(report) + "\n")
+                out.writelines(json.dumps(report) + "\n" for report in reports)
 
 
-def hugging_face_model(generator: Llama, runtime: Runtime):
-    """transformers' LlamaForCausalLM holding the same weights, converted by llama.convert's rules."""
+def parse_schemes(quantize) -> list[Scheme | None]:
+    """--quantize int8, or several to measure one after the other: none,int8,int4 (fire may hand
+    those over as a tuple)."""
+    if quantize is None:
+        return [None]
+    names = list(quantize) if isinstance(quantize, list | tuple) else str(quantize).split(",")
+    return [parse_scheme(name.strip()) for name in names]
+
+
+def print_comparison(reports: list[dict]) -> None:
+    """Each scheme's rates beside the first one's, from the same run."""
+    first = reports[0]
+    baseline = f"vs {first['quantize'] or 'unquantized'}"
+    print(f"{'weights':<14}{'decode, batch 1':>22}{baseline:>18}{'prefill':>16}{'decode vs HF':>14}")
+    for r in reports:
+        decode = r["decode_tokens_per_s_batch_1"]
+        rate = f"{decode:.1f} tok/s ({r['decode_of_bound']:.0%})"
+        relative = f"{decode / first['decode_tokens_per_s_batch_1']:.2f}x"
+        prefill = f"{r['prefill_tokens_per_s']:.0f} tok/s"
+        vs_hf = f"{r['decode_vs_hf']:.2f}x" if "decode_vs_hf" in r else ""
+        name = r["quantize"] or r["dtype"].removeprefix("torch.")
+        print(f"{name:<14}{rate:>22}{relative:>18}{prefill:>16}{vs_hf:>14}")
+
+
+def hugging_face_model(ckpt_dir: Path, generator: Llama, runtime: Runtime):
+    """transformers' LlamaForCausalLM holding the checkpoint's weights, converted by llama.convert's rules."""
     import transformers
 
     from llama.hf import ROTARY_WEIGHTS, config_from_args, hf_name, interleaved_to_halves
 
     transformers.logging.set_verbosity_error()
-    model, args = generator.model, generator.model.params
+    args = generator.model.params
     # The benchmark's tokenizer has no EOS (-1), which transformers would warn about on every call.
     config = {**config_from_args(args, runtime.dtype, generator.tokenizer), "eos_token_id": None}
     hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     hf_model = hf_model.to(device=runtime.device, dtype=runtime.dtype).eval()
     weights = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in RankWeights(open_checkpoint(ckpt_dir), 0, 1).items():
         if key.endswith(ROTARY_WEIGHTS):
             tensor = interleaved_to_halves(tensor, args.head_dim)
         weights[hf_name(key)] = tensor
@@ -340,6 +407,7 @@ def print_table(r: dict) -> None:
         ("model", r["model"], ""),
         ("device / dtype", f"{r['device']} / {r['dtype'].removeprefix('torch.')}", ""),
         ("decode step", "compiled" if r["compile"] else "eager", ""),
+        ("weights stored as", r["quantize"] or r["dtype"].removeprefix("torch."), ""),
         ("weights", f"{r['weight_bytes'] / 1e6:.0f} MB", ""),
         ("load", f"{r['load_s']:.2f} s", f"peak RSS +{r['load_peak_rss_bytes'] / 1e6:.0f} MB"),
         ("", "", f"= KV cache {r['kv_cache_bytes'] / 1e6:.0f} MB + {r['load_peak_rss_over_weights']:.2f}x weights"),

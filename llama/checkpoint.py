@@ -7,17 +7,13 @@ for any process count, merging or cutting shards as it goes; Hugging Face's layo
 serves the same `Checkpoint` interface. Both validate names and shapes when they are opened.
 """
 
-import contextlib
 import ctypes
-import errno
 import hashlib
 import itertools
 import json
 import math
 import mmap
-import os
 import pickle
-import shutil
 import sys
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -26,15 +22,14 @@ from typing import Any, Protocol
 
 import torch
 
-from llama.memory import format_bytes
 from llama.model import ModelArgs, weight_layout
 from llama.parallel import Split
+from llama.params import read_params
+from llama.quantization import Scheme, quantized_layout, scheme_of, stored_dtype
 from llama.runtime import is_main_process
 
 # Meta's shards carry the rotary frequencies, which the model recomputes.
 IGNORED_KEYS = {"rope.freqs"}
-
-REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
 
 DAMAGED = "is not a valid checkpoint file: it is corrupt or an incomplete download; download it again"
 
@@ -51,6 +46,7 @@ class Checkpoint(Protocol):
     args: ModelArgs  # with the vocabulary size filled in from the weights
     unknown_params: list[str]  # params.json keys this library does not know
     layout: dict[str, Split]  # every weight's name, shape and split (llama.model.weight_layout)
+    scheme: Scheme | None  # how its weights are quantized (llama.quantization), None if they are not
 
     def read(self, key: str, rank: int, world: int) -> torch.Tensor:
         """Rank's part of weight `key` when the model runs on `world` ranks."""
@@ -116,22 +112,6 @@ def find_shards(ckpt_dir: str | Path) -> list[Path]:
     return shards
 
 
-def read_params(ckpt_dir: str | Path) -> dict[str, Any]:
-    path = Path(ckpt_dir) / "params.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing: every Llama 2 checkpoint folder has a params.json")
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); download it again") from err
-    if not isinstance(params, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, found {type(params).__name__}")
-    missing = [key for key in REQUIRED_PARAMS if key not in params]
-    if missing:
-        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it is not a Llama params.json")
-    return params
-
-
 def load_shard(path: Path, mapped: bool) -> dict[str, torch.Tensor]:
     """Memory-map one shard (read it whole if not mapped); it is untrusted, so only tensors may be unpickled."""
     if path.stat().st_size == 0:
@@ -163,7 +143,10 @@ class MetaCheckpoint:
         self.folder = Path(folder)
         self.paths = find_shards(folder)
         self.params = read_params(folder)
-        self.args, self.unknown_params = ModelArgs.from_params(self.params, repr(str(self.folder / "params.json")))
+        source = repr(str(self.folder / "params.json"))
+        self.scheme = scheme_of(self.params, source)  # a quantized checkpoint's, else None
+        described = {key: value for key, value in self.params.items() if key != "quantization"}
+        self.args, self.unknown_params = ModelArgs.from_params(described, source)
         # Files written by torch < 1.6 are not zip archives and cannot be memory-mapped.
         mappable = [zipfile.is_zipfile(path) for path in self.paths]
         self.shards = [load_shard(path, mapped) for path, mapped in zip(self.paths, mappable)]
@@ -171,6 +154,8 @@ class MetaCheckpoint:
             # params.json may leave the vocabulary to the tokenizer; the embedding knows it.
             self.args.vocab_size = self.tensor(0, "tok_embeddings.weight").shape[0]
         self.layout = weight_layout(self.args)
+        if self.scheme is not None:
+            self.layout = quantized_layout(self.layout, self.scheme)
         self.check_weights()
         # The addresses of each memory-mapped shard: the only memory release() gives back.
         self.mapped = [address_range(shard) for shard, mapped in zip(self.shards, mappable) if mapped]
@@ -190,11 +175,19 @@ class MetaCheckpoint:
             name = self.paths[index].name
             check_weight_names(set(shard) - IGNORED_KEYS, self.layout, name, "params.json")
             for key, split in self.layout.items():
-                found_shape, expected = tuple(self.tensor(index, key).shape), split.part_shape(n_shards)
+                tensor = self.tensor(index, key)
+                found_shape, expected = tuple(tensor.shape), split.part_shape(n_shards)
                 if found_shape != expected:
                     which = f" for shard {index} of {n_shards}" if n_shards > 1 else ""
                     raise ValueError(
                         f"{name}: weight {key} has shape {found_shape} but params.json implies {expected}{which}"
+                    )
+                dtype = None if self.scheme is None else stored_dtype(key, self.scheme)
+                if (tensor.dtype != dtype) if dtype is not None else not tensor.is_floating_point():
+                    wanted = "a floating-point type" if dtype is None else str(dtype).removeprefix("torch.")
+                    raise ValueError(
+                        f"{name}: weight {key} is {str(tensor.dtype).removeprefix('torch.')}, not {wanted}: "
+                        "the file is damaged or was not written for this params.json; make it again"
                     )
 
     def read(self, key: str, rank: int, world: int) -> torch.Tensor:
@@ -318,60 +311,12 @@ def save_checkpoint(folder: str | Path, shards: Iterable[dict[str, torch.Tensor]
 
 def written_bytes(checkpoint: Checkpoint, world: int) -> int:
     """About what a copy of the checkpoint cut for `world` ranks takes on disk (KV copies included)."""
-    itemsize = checkpoint.read("norm.weight", 0, 1).element_size()
-    per_rank = sum(math.prod(split.part_shape(world)) for split in checkpoint.layout.values())
+    float_itemsize = checkpoint.read("norm.weight", 0, 1).element_size()
+
+    def itemsize(key: str) -> int:
+        dtype = None if checkpoint.scheme is None else stored_dtype(key, checkpoint.scheme)
+        return float_itemsize if dtype is None else dtype.itemsize
+
+    per_rank = sum(math.prod(split.part_shape(world)) * itemsize(key) for key, split in checkpoint.layout.items())
     tokenizer = checkpoint.folder / "tokenizer.model"
-    return world * per_rank * itemsize + (tokenizer.stat().st_size if tokenizer.is_file() else 0) + (1 << 20)
-
-
-@contextlib.contextmanager
-def new_folder(dst: str | Path, src: str | Path | None, needed_bytes: int) -> Iterator[Path]:
-    """A folder to write a checkpoint into, that appears as dst only once all of it is written.
-
-    The files go into a hidden sibling, .NAME.partial, renamed to dst at the end. A run that fails
-    or is interrupted removes it; one killed outright leaves only that hidden folder, which the
-    next run replaces. Free space is checked first, and a full or read-only disk is named.
-    """
-    dst = Path(dst)
-    if src is not None and dst.resolve() == Path(src).resolve():
-        raise ValueError(f"the output folder {str(dst)!r} is the input folder: choose a new one")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"{str(dst)!r} already exists and is not an empty folder: choose a new one")
-    partial = dst.parent / f".{dst.name}.partial"
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        free = shutil.disk_usage(partial).free
-        if needed_bytes > free:
-            raise OSError(errno.ENOSPC, "no space")
-        yield partial
-        if dst.exists():
-            dst.rmdir()  # empty, as checked
-        partial.rename(dst)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
-        problem = write_problem(dst, err, needed_bytes)  # before the partial files go: a full disk still shows
-        shutil.rmtree(partial, ignore_errors=True)
-        if problem is None:
-            raise
-        raise ValueError(problem) from err
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-def write_problem(dst: Path, err: Exception, needed_bytes: int) -> str | None:
-    """A failed write in words, or None if err is not one."""
-    code = getattr(err, "errno", None)
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write to {str(dst)!r}: {os.strerror(code).lower()}; choose another folder"
-    try:
-        free = shutil.disk_usage(dst.parent).free
-    except OSError:
-        free = None
-    if code == errno.ENOSPC or (isinstance(err, RuntimeError) and free is not None and free < needed_bytes):
-        has = "an unknown amount" if free is None else format_bytes(free)
-        return f"no space left on {str(dst)!r}: the checkpoint needs {format_bytes(needed_bytes)}, the disk has {has}"
-    if isinstance(err, OSError):
-        return f"cannot write to {str(dst)!r}: {err.strerror or err}"
-    return None
+    return world * per_rank + (tokenizer.stat().st_size if tokenizer.is_file() else 0) + (1 << 20)

@@ -13,7 +13,7 @@ import math
 import shutil
 from pathlib import Path
 
-from llama.checkpoint import Progress, by_layer, new_folder, written_bytes
+from llama.checkpoint import Progress, by_layer, written_bytes
 from llama.cli import run_script
 from llama.hf import (
     INDEX_FILE,
@@ -30,6 +30,7 @@ from llama.loading import check_vocabulary, find_tokenizer, open_checkpoint
 from llama.model import num_parameters
 from llama.reshard import reshard
 from llama.tokenizer import Tokenizer
+from llama.writing import new_folder
 
 
 def plan_files(shapes: dict[str, tuple[int, ...]], itemsize: int, max_file_bytes: int) -> list[list[str]]:
@@ -60,6 +61,11 @@ def to_hugging_face(
     stays near one file.
     """
     checkpoint = open_checkpoint(src)
+    if checkpoint.scheme is not None:
+        raise ValueError(
+            f"{str(checkpoint.folder)!r} is quantized as {checkpoint.scheme.name}, which Hugging Face's Llama "
+            "format cannot hold: convert the original checkpoint instead"
+        )
     args = checkpoint.args
     tokenizer_path = find_tokenizer(checkpoint.folder, tokenizer_path)
     tokenizer = Tokenizer(str(tokenizer_path))

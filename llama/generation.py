@@ -53,6 +53,7 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         compile: bool = False,
         verify: bool = False,
+        quantize: str | None = None,
     ) -> "Llama":
         """Load a checkpoint folder (Meta's shards or Hugging Face's safetensors) and its tokenizer.
 
@@ -61,7 +62,8 @@ class Llama:
         device and dtype default to CUDA in bf16/fp16 when a GPU is present, else CPU in fp32.
         Every rank must use the same seed so that sampling picks the same tokens everywhere.
         compile runs the decode step through torch.compile (see llama.compile); verify checks the
-        files against checklist.chk first.
+        files against checklist.chk first; quantize ("int8", "int4", "int4:g32") stores the linear
+        weights as integers, quantized as they are read (see llama.quantization).
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -75,7 +77,7 @@ class Llama:
         torch.manual_seed(seed)
 
         start_time = time.time()
-        model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len, max_batch_size, verify=verify)
+        model = load_model(ckpt_dir, tokenizer, runtime, max_seq_len, max_batch_size, verify=verify, quantize=quantize)
         if is_main_process():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, compile)
@@ -159,11 +161,14 @@ class Llama:
                 raise ValueError("stop strings cannot be combined with logprobs or echo: drop one or the other")
             stream = self.text_completion_stream(prompts, temperature, top_p, max_gen_len, stop, **sampling)
             return [{"generation": text} for text in join_deltas(stream, len(prompts))]
-        prompt_tokens = self._encode_prompts(prompts)
+        prompt_tokens = _encode_prompts(self.tokenizer, prompts)
         tokens, token_logprobs = self.generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo, **sampling
+            prompt_tokens, _max_gen_len(self.model, max_gen_len), temperature, top_p, logprobs, echo, **sampling
         )
-        return [self._prediction(self.tokenizer.decode(t), t, lp) for t, lp in zip(tokens, token_logprobs or _none())]
+        return [
+            _prediction(self.tokenizer, self.tokenizer.decode(t), t, lp)
+            for t, lp in zip(tokens, token_logprobs or _none())
+        ]
 
     def text_completion_stream(
         self,
@@ -178,8 +183,8 @@ class Llama:
 
         Each prompt's deltas add up to its text_completion "generation" for the same arguments (and seed).
         """
-        prompt_tokens = self._encode_prompts(prompts)
-        max_gen_len = self._max_gen_len(max_gen_len)
+        prompt_tokens = _encode_prompts(self.tokenizer, prompts)
+        max_gen_len = _max_gen_len(self.model, max_gen_len)
         return self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, stop, **sampling)
 
     def chat_completion(
@@ -196,18 +201,20 @@ class Llama:
         Dialogs that smuggle in the format's own tags are answered with UNSAFE_ERROR without being
         run through the model.
         """
-        refused, prompt_tokens = self._chat_prompts(dialogs)
+        refused, prompt_tokens = _chat_prompts(self.tokenizer, dialogs)
         answers, answer_logprobs = [], None
         if prompt_tokens:
             answers, answer_logprobs = self.generate(
-                prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, **sampling
+                prompt_tokens, _max_gen_len(self.model, max_gen_len), temperature, top_p, logprobs, **sampling
             )
         predictions = [
-            self._prediction(_assistant(self.tokenizer.decode(t)), t, lp)
+            _prediction(self.tokenizer, _assistant(self.tokenizer.decode(t)), t, lp)
             for t, lp in zip(answers, answer_logprobs or _none())
         ]
         refusal = [] if logprobs else None
-        return with_refusals(refused, predictions, lambda: self._prediction(_assistant(UNSAFE_ERROR), [], refusal))
+        return with_refusals(
+            refused, predictions, lambda: _prediction(self.tokenizer, _assistant(UNSAFE_ERROR), [], refusal)
+        )
 
     def chat_completion_stream(
         self,
@@ -222,35 +229,39 @@ class Llama:
         Each dialog's deltas add up to its chat_completion answer; a refused dialog's answer
         (UNSAFE_ERROR) comes whole in the first step.
         """
-        refused, prompt_tokens = self._chat_prompts(dialogs)
+        refused, prompt_tokens = _chat_prompts(self.tokenizer, dialogs)
         answers = iter([])
         if prompt_tokens:
-            max_gen_len = self._max_gen_len(max_gen_len)
+            max_gen_len = _max_gen_len(self.model, max_gen_len)
             answers = self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **sampling)
         return stream_with_refusals(refused, answers)
 
-    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
-            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [prompt] for one")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a string")
-        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
-    def _max_gen_len(self, max_gen_len: int | None) -> int:
-        """None means: until EOS or the end of the context window, as in the reference."""
-        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+def _encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [prompt] for one")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+    return [tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
-    def _chat_prompts(self, dialogs: list[Dialog]) -> tuple[list[bool], list[list[int]]]:
-        """Which dialogs are refused, and the token ids of the others."""
-        refused = refused_dialogs(dialogs)
-        return refused, [encode_dialog(self.tokenizer, d) for d, r in zip(dialogs, refused) if not r]
 
-    def _prediction(self, generation, tokens: list[int], logprobs: list[float] | None) -> dict:
-        """The reference's result for one sequence; with logprobs, also each token's text and logprob."""
-        if logprobs is None:
-            return {"generation": generation}
-        return {"generation": generation, "tokens": [self.tokenizer.decode(t) for t in tokens], "logprobs": logprobs}
+def _chat_prompts(tokenizer: Tokenizer, dialogs: list[Dialog]) -> tuple[list[bool], list[list[int]]]:
+    """Which dialogs are refused, and the token ids of the others."""
+    refused = refused_dialogs(dialogs)
+    return refused, [encode_dialog(tokenizer, d) for d, r in zip(dialogs, refused) if not r]
+
+
+def _prediction(tokenizer: Tokenizer, generation, tokens: list[int], logprobs: list[float] | None) -> dict:
+    """The reference's result for one sequence; with logprobs, also each token's text and logprob."""
+    if logprobs is None:
+        return {"generation": generation}
+    return {"generation": generation, "tokens": [tokenizer.decode(t) for t in tokens], "logprobs": logprobs}
+
+
+def _max_gen_len(model: Transformer, max_gen_len: int | None) -> int:
+    """None means: until EOS or the end of the context window, as in the reference."""
+    return model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
 
 def _assistant(content: str) -> Message:

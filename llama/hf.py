@@ -256,6 +256,7 @@ class HuggingFaceCheckpoint:
         self.params = params_from_config(read_json(self.folder / "config.json"), self.folder / "config.json")
         self.args, self.unknown_params = ModelArgs.from_params(self.params, repr(str(self.folder / "config.json")))
         self.layout = weight_layout(self.args)
+        self.scheme = None  # quantized checkpoints are written in Meta's layout only
         self.files = find_weight_files(self.folder)
         self.handles = {}
         for path in sorted(set(self.files.values())):

@@ -16,10 +16,20 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama.checkpoint import IGNORED_KEYS, Checkpoint, MetaCheckpoint, Progress, by_layer, check_weight_names
-from llama.checkpoint import verify as checkpoint_verify
+from llama.checkpoint import verify as verify_files
 from llama.memory import available_memory, check_memory
-from llama.model import ModelArgs, Transformer, num_parameters
-from llama.parallel import check_model_parallel_size
+from llama.model import ModelArgs, Transformer, num_parameters, weight_layout
+from llama.parallel import check_model_parallel_size, model_parallel_sizes
+from llama.quantization import (
+    Scheme,
+    check_groups,
+    convert,
+    parse_scheme,
+    prepare_kernels,
+    quantize,
+    quantized_layout,
+    row_amax,
+)
 from llama.runtime import Runtime, is_main_process
 from llama.tokenizer import Tokenizer
 
@@ -102,7 +112,9 @@ def load_weights(
                     f"weight {key} has shape {tuple(tensor.shape)} but params.json implies "
                     f"{tuple(expected[key].shape)} for this model-parallel rank"
                 )
-            part[key] = tensor.to(device=runtime.device, dtype=runtime.dtype)
+            # Floating-point weights take the runtime's dtype; a quantized layer's integers keep theirs.
+            dtype = runtime.dtype if expected[key].is_floating_point() else expected[key].dtype
+            part[key] = tensor.to(device=runtime.device, dtype=dtype)
             if release is not None and part[key] is not tensor:
                 release(tensor)
         model.load_state_dict(part, assign=True, strict=False)
@@ -128,32 +140,98 @@ def load_model(
     available: int | None = None,
     show_progress: bool | None = None,
     verify: bool = False,
+    quantize: str | Scheme | None = None,
 ) -> Transformer:
     """This rank's part of the model, on the runtime's device and in its dtype, with its KV cache.
 
     Any shard count loads on any model-parallel size: each rank reads just its rows or columns
     from the memory-mapped shards, after checking that its share and KV cache fit the device
     (`available` bytes; by default what the device reports free). verify first checks the files
-    against checklist.chk, the ranks sharing the reading.
+    against checklist.chk, the ranks sharing the reading. quantize ("int8", "int4:g32", ...)
+    quantizes each weight as it is read (see llama.quantization); a quantized checkpoint loads
+    as it was made.
     """
     world, rank = fs_init.get_model_parallel_world_size(), fs_init.get_model_parallel_rank()
     checkpoint = open_checkpoint(ckpt_dir)
     if verify:
-        checkpoint_verify(checkpoint.folder, rank, world)
+        verify_files(checkpoint.folder, rank, world)
     if checkpoint.unknown_params and is_main_process():
         warnings.warn(
             f"{checkpoint.folder / 'params.json'}: ignoring unknown key(s) {', '.join(checkpoint.unknown_params)}",
             stacklevel=3,
         )
+    scheme = quantization_scheme(checkpoint, quantize)
     args = replace(checkpoint.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     check_vocabulary(tokenizer, args)
     check_model_parallel_size(args, world)
-    check_memory(args, world, runtime, available_memory(runtime.device) if available is None else available)
+    if scheme is not None:
+        check_groups(weight_layout(args), scheme, world, model_parallel_sizes(args))
+    check_memory(args, world, runtime, available_memory(runtime.device) if available is None else available, scheme)
 
     with torch.device("meta"):
         model = Transformer(args, world)
+        if scheme is not None:
+            convert(model, scheme)
+    weights = RankWeights(checkpoint, rank, world)
+    if scheme is not None and checkpoint.scheme is None:
+        weights = QuantizingWeights(weights, scheme, checkpoint.release)
     progress = Progress("loading weights", args.n_layers, "layers", num_parameters(args) // world, show_progress)
-    load_weights(model, RankWeights(checkpoint, rank, world), runtime, progress, release=checkpoint.release)
+    load_weights(model, weights, runtime, progress, release=checkpoint.release)
+    if scheme is not None:
+        prepare_kernels(model)
     model.requires_grad_(False)
     model.setup_caches()
     return model
+
+
+def quantization_scheme(checkpoint: Checkpoint, quantize: str | Scheme | None) -> Scheme | None:
+    """What the model is quantized as: what was asked, or what a quantized checkpoint was made as."""
+    asked = quantize if isinstance(quantize, Scheme | None) else parse_scheme(quantize)
+    made = checkpoint.scheme
+    if made is not None and asked is not None and asked != made:
+        raise ValueError(
+            f"{str(checkpoint.folder)!r} is quantized as {made.name} already: leave --quantize out to load it as it "
+            f"is, or quantize the unquantized checkpoint as {asked.name} instead"
+        )
+    return asked or made
+
+
+class QuantizingWeights(Mapping[str, torch.Tensor]):
+    """A rank's weights, each linear one quantized as it is read: the full-precision model never
+    exists in memory, only one weight of it at a time."""
+
+    def __init__(self, weights: RankWeights, scheme: Scheme, release: Callable[[torch.Tensor], None]):
+        self.weights, self.scheme, self.release = weights, scheme, release
+        self.layout = quantized_layout(weights.checkpoint.layout, scheme)
+        self.waiting: dict[str, torch.Tensor] = {}  # the other half of a weight asked for once
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        base, _, kind = key.rpartition(".")
+        if kind not in ("qweight", "scales"):
+            return self.weights[key]
+        if key in self.waiting:
+            return self.waiting.pop(key)
+        weight = self.weights[f"{base}.weight"]
+        q, scales = quantize(weight, self.scheme, self.whole_row_amax(f"{base}.weight"))
+        self.release(weight)
+        if kind == "qweight":
+            self.waiting[f"{base}.scales"] = scales
+            return q
+        self.waiting[f"{base}.qweight"] = q
+        return scales
+
+    def whole_row_amax(self, key: str) -> torch.Tensor | None:
+        """int8's scales of a weight whose columns are split over ranks come from its whole rows,
+        so that every process count quantizes it alike; None where this rank holds whole rows."""
+        if self.scheme.bits != 8 or self.weights.checkpoint.layout[key].dim != 1 or self.weights.world == 1:
+            return None
+        whole = self.weights.checkpoint.read(key, 0, 1)
+        amax = row_amax(whole)
+        self.release(whole)
+        return amax
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout)
+
+    def __len__(self) -> int:
+        return len(self.layout)

@@ -9,6 +9,7 @@ import torch
 
 from llama.model import ModelArgs, rotary_table, weight_layout
 from llama.parallel import model_parallel_sizes
+from llama.quantization import Scheme, quantized_bytes
 from llama.runtime import Runtime
 
 
@@ -25,15 +26,19 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.rotary_table
 
 
-def estimate_memory(args: ModelArgs, world: int, dtype: torch.dtype) -> MemoryEstimate:
-    """Every rank of `world` holds an equal part of the weights and of the KV heads."""
+def estimate_memory(args: ModelArgs, world: int, dtype: torch.dtype, scheme: Scheme | None = None) -> MemoryEstimate:
+    """Every rank of `world` holds an equal part of the weights (quantized by `scheme`, if any) and
+    of the KV heads."""
     layout = weight_layout(args)
-    weights = sum(math.prod(split.part_shape(world)) for split in layout.values())
+    if scheme is None:
+        weights = sum(math.prod(split.part_shape(world)) for split in layout.values()) * dtype.itemsize
+    else:
+        weights = quantized_bytes(layout, scheme, world, dtype.itemsize)
     kv_width = layout["layers.0.attention.wk.weight"].part_shape(world)[0]  # the KV heads it holds
     kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_width
     with torch.device("meta"):
         rotary = rotary_table(args)  # as Transformer.setup_caches allocates it
-    return MemoryEstimate(weights * dtype.itemsize, kv_cache * dtype.itemsize, rotary.numel() * rotary.element_size())
+    return MemoryEstimate(weights, kv_cache * dtype.itemsize, rotary.numel() * rotary.element_size())
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -73,18 +78,20 @@ def largest(limit: int, fits) -> int:
     return low
 
 
-def check_memory(args: ModelArgs, world: int, runtime: Runtime, available: int | None) -> None:
+def check_memory(
+    args: ModelArgs, world: int, runtime: Runtime, available: int | None, scheme: Scheme | None = None
+) -> None:
     """Refuse, before anything is allocated, a model whose share will not fit this rank's device.
 
     `available` is what the device has free (None: unknown, so nothing is checked). The message
     gives the numbers and the largest limits, or the smallest process count, that would fit.
     """
-    need = estimate_memory(args, world, runtime.dtype)
+    need = estimate_memory(args, world, runtime.dtype, scheme)
     if available is None or need.total <= available:
         return
 
     def fits(**limits: int) -> bool:
-        return estimate_memory(replace(args, **limits), world, runtime.dtype).total <= available
+        return estimate_memory(replace(args, **limits), world, runtime.dtype, scheme).total <= available
 
     advice = []
     batch = largest(args.max_batch_size - 1, lambda b: fits(max_batch_size=b))
@@ -95,15 +102,16 @@ def check_memory(args: ModelArgs, world: int, runtime: Runtime, available: int |
     more = (
         w
         for w in model_parallel_sizes(args)
-        if w > world and estimate_memory(args, w, runtime.dtype).total <= available
+        if w > world and estimate_memory(args, w, runtime.dtype, scheme).total <= available
     )
     processes = next(more, None)
     if processes is not None:
         advice.append(f"{processes} model-parallel processes (on more GPUs or machines)")
+    stored_as = scheme.name if scheme else str(runtime.dtype).removeprefix("torch.")
     raise ValueError(
         f"this process needs about {format_bytes(need.total)} on {runtime.device} but only "
         f"{format_bytes(available)} is available: {format_bytes(need.weights)} for its share of the weights "
-        f"in {str(runtime.dtype).removeprefix('torch.')} and {format_bytes(need.kv_cache)} for the KV cache of "
+        f"in {stored_as} and {format_bytes(need.kv_cache)} for the KV cache of "
         f"max_batch_size {args.max_batch_size} x max_seq_len {args.max_seq_len}. "
         + (f"What would fit: {', or '.join(advice)}" if advice else "Use a device with more memory")
     )

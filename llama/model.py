@@ -7,7 +7,6 @@ name, shape and split from a copy built on the meta device.
 """
 
 import functools
-import json
 import math
 from dataclasses import astuple, dataclass, fields, replace
 from typing import Any
@@ -18,6 +17,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama.parallel import ColumnParallel, ParallelEmbedding, RowParallel, Split
+from llama.params import check_params
 
 # Published Llama shapes: llama2.c's 15M and 110M, TinyLlama's 1.1B (GQA), and Llama 2.
 SHAPES = {
@@ -83,46 +83,6 @@ class ModelArgs:
         unknown = sorted(set(params) - known)
         args = cls(**{k: v for k, v in params.items() if k in known}, **overrides)
         return args, unknown
-
-
-def check_params(params: dict[str, Any], source: str, names: dict[str, str] | None = None) -> None:
-    """What params.json may hold: sizes are positive integers, rates positive finite numbers.
-
-    names: what `source` calls each field, where it is not params.json (Hugging Face's config.json).
-    """
-    names = names or {}
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_positive(value: Any) -> bool:
-        return (is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
-
-    rules = {
-        "dim": (lambda v: is_int(v) and v > 0, "a positive integer"),
-        "n_layers": (lambda v: is_int(v) and v > 0, "a positive integer"),
-        "n_heads": (lambda v: is_int(v) and v > 0, "a positive integer"),
-        "n_kv_heads": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
-        "vocab_size": (lambda v: is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 for the tokenizer's"),
-        "multiple_of": (lambda v: is_int(v) and v > 0, "a positive integer"),
-        "ffn_dim_multiplier": (lambda v: v is None or is_positive(v), "a positive number or null"),
-        "norm_eps": (is_positive, "a positive number"),
-        "rope_theta": (is_positive, "a positive number"),
-        "max_batch_size": (lambda v: is_int(v) and v > 0, "a positive integer"),
-        "max_seq_len": (lambda v: is_int(v) and v > 0, "a positive integer"),
-    }
-    for field, (valid, expected) in rules.items():
-        if field in params and not valid(params[field]):
-            name = names.get(field, field)
-            raise ValueError(f"{source}: {name} is {json.dumps(params[field])}, but it must be {expected}")
-    dim, n_heads = params.get("dim", ModelArgs.dim), params.get("n_heads", ModelArgs.n_heads)
-    n_kv_heads = params.get("n_kv_heads") or n_heads
-    dim_name, heads_name = names.get("dim", "dim"), names.get("n_heads", "n_heads")
-    if dim % n_heads or (dim // n_heads) % 2:
-        raise ValueError(f"{source}: {dim_name} ({dim}) must be {heads_name} ({n_heads}) times an even head size")
-    if n_heads % n_kv_heads:
-        kv_name = names.get("n_kv_heads", "n_kv_heads")
-        raise ValueError(f"{source}: {heads_name} ({n_heads}) must be a multiple of {kv_name} ({n_kv_heads})")
 
 
 class RMSNorm(nn.Module):

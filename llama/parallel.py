@@ -91,8 +91,12 @@ class ColumnParallel(fs_layers.ColumnParallelLinear):
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
         self.gather = gather_output and world > 1
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x times this rank's weight; quantized layers (llama.quantization) have their own."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.product(x)
         return gather_from_model_parallel_region(out) if self.gather else out
 
 
@@ -110,8 +114,11 @@ class RowParallel(fs_layers.RowParallelLinear):
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
         self.reduce = world > 1
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.product(x)
         if self.reduce:
             dist.all_reduce(out, group=fs_init.get_model_parallel_group())
         return out

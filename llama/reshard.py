@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import Progress, by_layer, new_folder, save_checkpoint, written_bytes
+from llama.checkpoint import Progress, by_layer, save_checkpoint, written_bytes
 from llama.cli import run_script
 from llama.loading import open_checkpoint
-from llama.model import num_parameters
-from llama.parallel import check_model_parallel_size
+from llama.model import num_parameters, weight_layout
+from llama.parallel import check_model_parallel_size, model_parallel_sizes
+from llama.quantization import check_groups
+from llama.writing import new_folder
 
 
 def reshard(src: str | Path, dst: str | Path, model_parallel_size: int, show_progress: bool | None = None) -> None:
@@ -30,6 +32,8 @@ def reshard(src: str | Path, dst: str | Path, model_parallel_size: int, show_pro
     checkpoint = open_checkpoint(src)
     args = checkpoint.args
     check_model_parallel_size(args, model_parallel_size)
+    if checkpoint.scheme is not None:
+        check_groups(weight_layout(args), checkpoint.scheme, model_parallel_size, model_parallel_sizes(args))
     progress = Progress(
         f"writing {model_parallel_size} shard(s)",
         model_parallel_size * args.n_layers,

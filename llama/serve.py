@@ -45,6 +45,7 @@ from llama.openai_api import (
     sse,
     usage,
 )
+from llama.quantization import parse_scheme
 from llama.runtime import is_main_process
 from llama.sampling import SamplingParams
 from llama.serving import Generation, Refused, Server, new_engine
@@ -304,19 +305,22 @@ def main(
     dtype: str | None = None,
     compile: bool = False,
     verify: bool = False,
+    quantize: str | None = None,
 ) -> None:
     """Serve CKPT_DIR (default: the demo model) over OpenAI's API on http://HOST:PORT/v1.
 
     --max_batch_size is the number of sequences generated at once (KV-cache slots); up to
     --max_queue more wait for one, and beyond that requests get 429. --temperature and --top_p
     are the defaults for requests that give none. --api_key (or LLAMA_API_KEY) is required of
-    every client; --model_name is the model's id (default: the folder's name).
+    every client; --model_name is the model's id (default: the folder's name). --quantize int8
+    or int4 quantizes the weights while loading.
     """
     for name, value in (("port", port), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
                         ("max_body_bytes", max_body_bytes)):  # fmt: skip
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value!r}")
     SamplingParams(temperature, top_p)  # the defaults, checked before loading
+    parse_scheme(quantize)
     settings = {
         "model": model_name or Path(ckpt_dir).resolve().name,
         "created": now(),
@@ -330,7 +334,7 @@ def main(
 
     def build() -> tuple[Llama, dist.ProcessGroup | None]:
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
-                                verify=verify)  # fmt: skip
+                                verify=verify, quantize=quantize)  # fmt: skip
         group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if dist.get_world_size() > 1 else None
         return generator, group
 

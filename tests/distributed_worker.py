@@ -1,9 +1,10 @@
 """Started by tests under torchrun: build each model given, run it, save what this rank computed.
 
-distributed_worker.py [--compile] OUT_DIR TOKENIZER CKPT_DIR [CKPT_DIR ...]  ->  OUT_DIR/<ckpt name>-rank<r>.pt
+distributed_worker.py [--compile] [--quantize SCHEME] OUT_DIR TOKENIZER CKPT_DIR [CKPT_DIR ...]
+    ->  OUT_DIR/<ckpt name>-rank<r>.pt
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -34,15 +35,20 @@ def run_compiled(generator: Llama) -> dict:
     }
 
 
-def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
-    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=48, max_batch_size=4, device="cpu")
+def build(ckpt_dir: str, tokenizer_path: str, quantize: str | None = None) -> Llama:
+    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=48, max_batch_size=4, device="cpu", quantize=quantize)
 
 
 if __name__ == "__main__":
-    compile = sys.argv[1] == "--compile"
-    out_dir, tokenizer_path, *ckpt_dirs = sys.argv[1 + compile :]
-    for ckpt_dir in ckpt_dirs:
-        generator = build(ckpt_dir, tokenizer_path)
-        result = run_compiled(generator) if compile else run(generator)
-        torch.save(result, f"{out_dir}/{Path(ckpt_dir).name}-rank{dist.get_rank()}.pt")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--quantize")
+    parser.add_argument("out_dir")
+    parser.add_argument("tokenizer_path")
+    parser.add_argument("ckpt_dirs", nargs="+")
+    options = parser.parse_args()
+    for ckpt_dir in options.ckpt_dirs:
+        generator = build(ckpt_dir, options.tokenizer_path, options.quantize)
+        result = run_compiled(generator) if options.compile else run(generator)
+        torch.save(result, f"{options.out_dir}/{Path(ckpt_dir).name}-rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

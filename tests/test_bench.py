@@ -20,18 +20,26 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for() -> None:
+def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for_unquantized_and_int8() -> None:
     """The demo model ends most answers at EOS; a benchmark that stopped there reported 507% of the bound."""
-    done = bench("--ckpt_dir", str(DEMO), "--prompt_len", "16", "--new_tokens", "32")
+    done = bench("--ckpt_dir", str(DEMO), "--prompt_len", "16", "--new_tokens", "32", "--quantize", "none,int8")
     assert done.returncode == 0, done.stderr
     for name in ("prefill", "decode, batch 1"):
-        line = next(line for line in done.stdout.splitlines() if line.startswith(name))
-        percent = int(re.search(r"(\d+)% of bound", line)[1])
-        assert 0 < percent <= 100 or "a measurement problem" in line, line
+        lines = [line for line in done.stdout.splitlines() if line.startswith(name)]
+        assert len(lines) == 2  # one table for each
+        for line in lines:
+            percent = int(re.search(r"(\d+)% of bound", line)[1])
+            assert 0 < percent <= 100 or "a measurement problem" in line, line
+    assert [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("weights stored as")] == [
+        "float32",
+        "int8",
+    ]
+    comparison = done.stdout.splitlines()[-2:]  # each scheme's decode rate beside the unquantized one's
+    assert comparison[0].startswith("float32") and " 1.00x" in comparison[0]
+    assert comparison[1].startswith("int8")
     assert "> initializing" not in done.stdout  # fairscale's lines are gone
     steps = [line.split(" (")[0] for line in done.stderr.splitlines()]
-    assert steps == [
-        "bench: loading",
+    measurements = [
         "bench: matrix-multiply throughput",
         "bench: prefill",
         "bench: memory bandwidth",
@@ -39,6 +47,22 @@ def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for() -> None:
         "bench: decode, batch 8",
         "bench: mixed batch of 8, ours and Meta's loop",
     ]
+    assert steps == [
+        "bench: loading, weights as they are",
+        *measurements,
+        "bench: loading, weights as int8",
+        *measurements,
+    ]
+
+
+def test_a_group_size_the_model_cannot_take_is_refused_before_anything_is_measured(tmp_path: Path) -> None:
+    done = bench("--shape", "15M", "--quantize", "none,int4:g64", "--work_dir", str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "error: int4:g64: layers.0.attention.wq.weight has 288 input features which is not a whole number of "
+        "groups of 64: use a group size that divides 96, such as int4:g48"
+    )
+    assert "bench: loading" not in done.stderr
 
 
 def test_a_rate_above_the_bound_is_called_a_measurement_problem() -> None:
