@@ -44,4 +44,13 @@ def compile_decode_step(step: Step) -> Step:
         with RowByRowProducts():
             return step(model, tokens, start_pos)
 
-    return torch.compile(row_by_row, dynamic=True, fullgraph=True)
+    compiled = torch.compile(row_by_row, dynamic=True, fullgraph=True)
+
+    def compiled_or_eager(model, tokens, start_pos):
+        # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.
+        try:
+            return compiled(model, tokens, start_pos)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            return step(model, tokens, start_pos)
+
+    return compiled_or_eager
