@@ -188,7 +188,7 @@ class Quantized:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         rows, columns = x.shape[:-1].numel(), x.shape[-1]
-        if self.kernel is not None and rows <= FEW_ROWS and self.kernel_takes(columns):
+        if self.kernel is not None and rows <= FEW_ROWS:
             x_bf16 = x.reshape(rows, columns).bfloat16()
             if self.kernel == "int8":
                 out = torch.ops.aten._weight_int8pack_mm(x_bf16, self.qweight, self.kernel_scales)
@@ -198,13 +198,16 @@ class Quantized:
             return out.to(x.dtype).view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling():
             return F.linear(x, self.dequantized(0, None, x.dtype))
-        step = max(INT4_KERNEL_ROWS, CHUNK // columns // INT4_KERNEL_ROWS * INT4_KERNEL_ROWS)
+        step = tile_rows(columns)
         rows_out = self.qweight.shape[0]
         tiles = [F.linear(x, self.dequantized(s, s + step, x.dtype)) for s in range(0, rows_out, step)]
         return torch.cat(tiles, dim=-1)
 
-    def kernel_takes(self, columns: int) -> bool:
-        return self.kernel == "int4" or columns % INT8_KERNEL_WIDTHS == 0
+
+def tile_rows(columns: int) -> int:
+    """Rows of a weight dequantized (or repacked) at a time: about CHUNK values, in whole blocks
+    of the int4 kernel's layout."""
+    return max(INT4_KERNEL_ROWS, CHUNK // columns // INT4_KERNEL_ROWS * INT4_KERNEL_ROWS)
 
 
 class QuantizedColumnParallel(Quantized, ColumnParallel):
@@ -218,8 +221,8 @@ class QuantizedRowParallel(Quantized, RowParallel):
 QUANTIZED = {ColumnParallel: QuantizedColumnParallel, RowParallel: QuantizedRowParallel}
 
 
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, module) for name, module in model.named_modules() if type(module) in QUANTIZED]
+def linear_layers(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if type(module) in QUANTIZED]
 
 
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
@@ -228,7 +231,7 @@ def quantized_layers(model: nn.Module) -> list[nn.Module]:
 
 def convert(model: nn.Module, scheme: Scheme) -> None:
     """Turn every linear layer of a model (built on the meta device) into a quantized one, empty."""
-    for _, layer in linear_layers(model):
+    for layer in linear_layers(model):
         rows, columns = layer.weight.shape
         device = layer.weight.device
         del layer.weight
@@ -257,12 +260,12 @@ def prepare_kernels(model: nn.Module) -> None:
         rows, columns = layer.qweight.shape[0], layer.in_features
         if not (CPU_KERNELS and isinstance(layer, ColumnParallel) and layer.qweight.device.type == "cpu"):
             continue
-        if layer.scheme.bits == 8:
+        if layer.scheme.bits == 8 and columns % INT8_KERNEL_WIDTHS == 0:
             layer.register_buffer("kernel_scales", layer.scales.to(torch.bfloat16), persistent=False)
             layer.kernel = "int8"
-        elif rows % INT4_KERNEL_ROWS == 0 and layer.scheme.group_size in INT4_KERNEL_GROUPS:
+        elif layer.scheme.bits == 4 and rows % INT4_KERNEL_ROWS == 0 and layer.scheme.group_size in INT4_KERNEL_GROUPS:
             packed = torch.empty_like(layer.qweight)
-            step = max(INT4_KERNEL_ROWS, CHUNK // columns // INT4_KERNEL_ROWS * INT4_KERNEL_ROWS)
+            step = tile_rows(columns)
             for s in range(0, rows, step):
                 nibbles = unpack_int4(layer.qweight[s : s + step], layer.scheme.group_size)
                 packed[s : s + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.int(), 1)
