@@ -12,7 +12,6 @@ The engine's state changes only through `Plan`s. Under torchrun, rank 0 makes ea
 same tokens; only rank 0 hands the results out. `serve` and `follow` are those two loops.
 """
 
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,10 +214,16 @@ class Engine:
 
 
 class Inbox:
-    """Rank 0's side of the engine thread: jobs to start and jobs whose client left, from any thread."""
+    """Rank 0's side of the engine thread: jobs to start and jobs whose client left, from any thread.
+
+    The bound counts every job accepted and not yet running, whether it is still here or already
+    on the engine thread's waiting list, so --max_queue holds however often the thread drains it.
+    """
 
     def __init__(self, bound: int):
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=bound)
+        self.bound = bound
+        self.jobs: list[Job] = []
+        self.waiting = 0
         self.cancelled: set[int] = set()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -226,10 +231,11 @@ class Inbox:
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full (the caller answers 429)."""
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            return False
+        with self.lock:
+            if self.waiting >= self.bound:
+                return False
+            self.jobs.append(job)
+            self.waiting += 1
         self.wake.set()
         return True
 
@@ -242,6 +248,18 @@ class Inbox:
         self.stopping = True
         self.wake.set()
 
+    def take(self) -> tuple[list[Job], set[int]]:
+        """The jobs submitted and the jobs cancelled since the last call."""
+        with self.lock:
+            jobs, self.jobs = self.jobs, []
+            cancelled, self.cancelled = self.cancelled, set()
+        return jobs, cancelled
+
+    def left(self, count: int) -> None:
+        """`count` waiting jobs started running or were cancelled: room for as many more."""
+        with self.lock:
+            self.waiting -= count
+
 
 def serve(engine: Engine, inbox: Inbox, deliver: Callable[[Event], None], group: dist.ProcessGroup | None) -> None:
     """Rank 0's loop: plan each step from the inbox, send the plan to the other ranks, run it, deliver."""
@@ -250,18 +268,20 @@ def serve(engine: Engine, inbox: Inbox, deliver: Callable[[Event], None], group:
         if not waiting and engine.busy == 0 and not inbox.stopping:
             inbox.wake.wait()
         inbox.wake.clear()
-        while not inbox.jobs.empty():
-            waiting.append(inbox.jobs.get_nowait())
-        with inbox.lock:
-            cancelled, inbox.cancelled = inbox.cancelled, set()
-        waiting = [job for job in waiting if job.id not in cancelled]
-        plan = Plan(stop=True) if inbox.stopping else engine.plan(waiting, cancelled)
+        jobs, cancelled = inbox.take()
+        waiting += jobs
+        plan = (
+            Plan(stop=True)
+            if inbox.stopping
+            else engine.plan([job for job in waiting if job.id not in cancelled], cancelled)
+        )
         if group is not None:
             dist.broadcast_object_list([plan], src=0, group=group)
         if plan.stop:
             return
-        admitted = {job.id for job, _, _ in plan.admit}
-        waiting = [job for job in waiting if job.id not in admitted]
+        gone = cancelled | {job.id for job, _, _ in plan.admit}
+        inbox.left(sum(job.id in gone for job in waiting))
+        waiting = [job for job in waiting if job.id not in gone]
         try:
             events = engine.apply(plan)
         except Exception as err:  # noqa: BLE001 - one bad step fails its requests, not the server
