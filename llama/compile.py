@@ -6,6 +6,9 @@ matters: a decode step multiplies each weight by one row per sequence, too few r
 CPU's BLAS to stream the weight at memory speed. Written as one product and sum per row, the
 products become a single Inductor loop that reads the weight once, on every core. The model
 keeps calling F.linear; a torch function mode, active only inside the compiled step, rewrites it.
+On a CPU with bf16 instructions, bf16 and fp16 weights are rewritten for one or two rows only:
+beyond that, torch's own product streams them faster than Inductor's loop, which converts every
+element to fp32 once per row.
 
 Positions are symbolic, so one compilation serves every step. The loop over rows fixes the
 batch size, so on a CPU each batch size up to FEW_ROWS is compiled once, as is a batch whose
@@ -21,17 +24,27 @@ from torch.overrides import TorchFunctionMode
 from llama.decoding import Step
 
 FEW_ROWS = 8  # up to this many rows, a compiled CPU step computes products row by row
+# Whether the CPU has AVX512-BF16: torch's own bf16 products (and its fused int8/int4 kernels) are fast.
+CPU_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights
+
+
+def row_by_row(rows: int, weight: torch.Tensor) -> bool:
+    """Whether a product of `rows` rows with `weight` is faster as one product and sum per row."""
+    if weight.device.type != "cpu":
+        return False
+    return rows <= (FEW_BF16_ROWS if weight.dtype in (torch.bfloat16, torch.float16) else FEW_ROWS)
 
 
 class RowByRowProducts(TorchFunctionMode):
-    """F.linear(x, weight) on a CPU with at most FEW_ROWS rows, as one product and sum per row."""
+    """F.linear(x, weight) on a CPU with few rows (see row_by_row), as one product and sum per row."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and len(args) == 2 and not kwargs:
             x, weight = args
             rows = x.shape[:-1].numel()
-            if weight.device.type == "cpu" and rows <= FEW_ROWS:
+            if row_by_row(rows, weight):
                 per_row = [(row * weight).sum(-1) for row in x.reshape(rows, -1)]
                 return torch.stack(per_row).view(*x.shape[:-1], -1)
         return func(*args, **kwargs)

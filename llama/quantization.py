@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.compile import FEW_ROWS
+from llama.compile import CPU_BF16, FEW_ROWS
 from llama.parallel import ColumnParallel, RowParallel, Split, part_size
 
 # Divides every width of Llama 2's shapes on the process counts Meta ships them for (7B on 1, 13B
@@ -41,7 +41,7 @@ from llama.parallel import ColumnParallel, RowParallel, Split, part_size
 DEFAULT_GROUP = 64
 CHUNK = 1 << 20  # values quantized, or dequantized for a product, at a time
 # torch's fused int8 and int4 matrix-vector kernels are fast on CPUs with AVX512-BF16, not elsewhere.
-CPU_KERNELS = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+CPU_KERNELS = CPU_BF16
 # The int8 kernel reads input features 16 at a time: other widths give wrong numbers or a crash.
 INT8_KERNEL_WIDTHS = 16
 # The int4 kernel's layout packs 64 output features at a time; it takes these group sizes.
