@@ -45,19 +45,25 @@ class RowByRowProducts(TorchFunctionMode):
             x, weight = args
             rows = x.shape[:-1].numel()
             if row_by_row(rows, weight):
-                per_row = [(row * weight).sum(-1) for row in x.reshape(rows, -1)]
-                return torch.stack(per_row).view(*x.shape[:-1], -1)
+                return row_by_row_product(x, weight)
         return func(*args, **kwargs)
+
+
+def row_by_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) as one product and sum per row of x."""
+    rows = x.shape[:-1].numel()
+    per_row = [(row * weight).sum(-1) for row in x.reshape(rows, -1)]
+    return torch.stack(per_row).view(*x.shape[:-1], -1)
 
 
 def compile_decode_step(step: Step) -> Step:
     """The decode step through torch.compile, with row-by-row products on a CPU."""
 
-    def row_by_row(model, tokens, start_pos):
+    def step_row_by_row(model, tokens, start_pos):
         with RowByRowProducts():
             return step(model, tokens, start_pos)
 
-    compiled = torch.compile(row_by_row, dynamic=True, fullgraph=True)
+    compiled = torch.compile(step_row_by_row, dynamic=True, fullgraph=True)
 
     def compiled_or_eager(model, tokens, start_pos):
         # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.compile import CPU_BF16, FEW_ROWS
+from llama.compile import CPU_BF16, FEW_ROWS, row_by_row_product
 from llama.parallel import ColumnParallel, RowParallel, Split, part_size
 
 # Divides every width of Llama 2's shapes on the process counts Meta ships them for (7B on 1, 13B
@@ -197,7 +197,10 @@ class Quantized:
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.qweight, group, self.kernel_scales)
             return out.to(x.dtype).view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling():
-            return F.linear(x, self.dequantized(0, None, x.dtype))
+            weight = self.dequantized(0, None, x.dtype)
+            if rows <= FEW_ROWS and weight.device.type == "cpu":  # in any dtype: Inductor fuses the dequantization
+                return row_by_row_product(x, weight)
+            return F.linear(x, weight)
         step = tile_rows(columns)
         rows_out = self.qweight.shape[0]
         tiles = [F.linear(x, self.dequantized(s, s + step, x.dtype)) for s in range(0, rows_out, step)]

@@ -170,6 +170,20 @@ def test_compiled_decode_step_gives_the_eager_tokens(checkpoint: Path, tokenizer
                 torch.testing.assert_close(result["logprobs"], reference["logprobs"], atol=tolerance, rtol=tolerance)
 
 
+def test_a_compiled_bf16_step_gives_the_eager_tokens(checkpoint: Path, tokenizer_path: str) -> None:
+    """With bf16 activations and three rows, unquantized products would go to torch (see
+    llama.compile); quantized ones stay row by row so that the dequantization is fused."""
+    prompts = ["The cat", "A dog sat on the mat and the sun", "Red"]
+    eager = Llama.build(str(checkpoint), tokenizer_path, 48, 4, device="cpu", dtype="bfloat16", quantize="int8")
+    compiled = Llama(eager.model, eager.tokenizer, compile=True)
+    expected = eager.text_completion(prompts, max_gen_len=8, temperature=0, logprobs=True)
+    for result, reference in zip(
+        compiled.text_completion(prompts, max_gen_len=8, temperature=0, logprobs=True), expected
+    ):
+        assert result["generation"] == reference["generation"]
+        torch.testing.assert_close(result["logprobs"], reference["logprobs"], atol=0.1, rtol=0.1)
+
+
 @pytest.fixture(scope="module")
 def saved(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The test checkpoint quantized by `python -m llama.quantize`, in two shards."""
