@@ -214,16 +214,13 @@ class Engine:
 
 
 class Inbox:
-    """Rank 0's side of the engine thread: jobs to start and jobs whose client left, from any thread.
-
-    The bound counts every job accepted and not yet running, whether it is still here or already
-    on the engine thread's waiting list, so --max_queue holds however often the thread drains it.
-    """
+    """Rank 0's side of the engine thread: jobs waiting for a slot and jobs whose client left,
+    from any thread. A job waits here until the engine admits it, so the queue's length is what
+    --max_queue bounds, however often the engine thread looks."""
 
     def __init__(self, bound: int):
         self.bound = bound
-        self.jobs: list[Job] = []
-        self.waiting = 0
+        self.waiting: list[Job] = []
         self.cancelled: set[int] = set()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -232,10 +229,9 @@ class Inbox:
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full (the caller answers 429)."""
         with self.lock:
-            if self.waiting >= self.bound:
+            if len(self.waiting) >= self.bound:
                 return False
-            self.jobs.append(job)
-            self.waiting += 1
+            self.waiting.append(job)
         self.wake.set()
         return True
 
@@ -249,39 +245,31 @@ class Inbox:
         self.wake.set()
 
     def take(self) -> tuple[list[Job], set[int]]:
-        """The jobs submitted and the jobs cancelled since the last call."""
+        """The jobs still waiting, and the jobs cancelled since the last call (dropped from the queue)."""
         with self.lock:
-            jobs, self.jobs = self.jobs, []
             cancelled, self.cancelled = self.cancelled, set()
-        return jobs, cancelled
+            self.waiting = [job for job in self.waiting if job.id not in cancelled]
+            return list(self.waiting), cancelled
 
-    def left(self, count: int) -> None:
-        """`count` waiting jobs started running or were cancelled: room for as many more."""
+    def admitted(self, ids: set[int]) -> None:
+        """These jobs have a slot now: room for as many more."""
         with self.lock:
-            self.waiting -= count
+            self.waiting = [job for job in self.waiting if job.id not in ids]
 
 
 def serve(engine: Engine, inbox: Inbox, deliver: Callable[[Event], None], group: dist.ProcessGroup | None) -> None:
     """Rank 0's loop: plan each step from the inbox, send the plan to the other ranks, run it, deliver."""
-    waiting: list[Job] = []
     while True:
-        if not waiting and engine.busy == 0 and not inbox.stopping:
+        if not inbox.waiting and engine.busy == 0 and not inbox.stopping:
             inbox.wake.wait()
         inbox.wake.clear()
-        jobs, cancelled = inbox.take()
-        waiting += jobs
-        plan = (
-            Plan(stop=True)
-            if inbox.stopping
-            else engine.plan([job for job in waiting if job.id not in cancelled], cancelled)
-        )
+        waiting, cancelled = inbox.take()
+        plan = Plan(stop=True) if inbox.stopping else engine.plan(waiting, cancelled)
         if group is not None:
             dist.broadcast_object_list([plan], src=0, group=group)
         if plan.stop:
             return
-        gone = cancelled | {job.id for job, _, _ in plan.admit}
-        inbox.left(sum(job.id in gone for job in waiting))
-        waiting = [job for job in waiting if job.id not in gone]
+        inbox.admitted({job.id for job, _, _ in plan.admit})
         try:
             events = engine.apply(plan)
         except Exception as err:  # noqa: BLE001 - one bad step fails its requests, not the server

@@ -75,7 +75,7 @@ class Server:
         self.waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.lock = threading.Lock()
         self.metrics = Metrics(
-            lambda: self.inbox.waiting,
+            lambda: len(self.inbox.waiting),
             lambda: self.engine.busy if self.engine else 0,
             lambda: self.engine.reused_tokens if self.engine else 0,
         )
