@@ -29,11 +29,13 @@ CPU_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights
 
 
-def row_by_row(rows: int, weight: torch.Tensor) -> bool:
-    """Whether a product of `rows` rows with `weight` is faster as one product and sum per row."""
-    if weight.device.type != "cpu":
+def row_by_row(rows: int, device: torch.device, stored: torch.dtype) -> bool:
+    """Whether a product of `rows` rows with a weight stored on `device` as `stored` is faster as
+    one product and sum per row. A quantized weight's integers count as stored: the loop then
+    dequantizes them as it reads them."""
+    if device.type != "cpu":
         return False
-    return rows <= (FEW_BF16_ROWS if weight.dtype in (torch.bfloat16, torch.float16) else FEW_ROWS)
+    return rows <= (FEW_BF16_ROWS if stored in (torch.bfloat16, torch.float16) else FEW_ROWS)
 
 
 class RowByRowProducts(TorchFunctionMode):
@@ -44,7 +46,7 @@ class RowByRowProducts(TorchFunctionMode):
         if func is F.linear and len(args) == 2 and not kwargs:
             x, weight = args
             rows = x.shape[:-1].numel()
-            if row_by_row(rows, weight):
+            if row_by_row(rows, weight.device, weight.dtype):
                 return row_by_row_product(x, weight)
         return func(*args, **kwargs)
 

@@ -33,15 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.compile import CPU_BF16, FEW_ROWS, row_by_row_product
+from llama.compile import CPU_BF16, FEW_ROWS, row_by_row, row_by_row_product
 from llama.parallel import ColumnParallel, RowParallel, Split, part_size
 
 # Divides every width of Llama 2's shapes on the process counts Meta ships them for (7B on 1, 13B
 # on 2, 70B on 8), and 7B's and 13B's on up to 4 processes.
 DEFAULT_GROUP = 64
 CHUNK = 1 << 20  # values quantized, or dequantized for a product, at a time
-# torch's fused int8 and int4 matrix-vector kernels are fast on CPUs with AVX512-BF16, not elsewhere.
-CPU_KERNELS = CPU_BF16
 # The int8 kernel reads input features 16 at a time: other widths give wrong numbers or a crash.
 INT8_KERNEL_WIDTHS = 16
 # The int4 kernel's layout packs 64 output features at a time; it takes these group sizes.
@@ -198,7 +196,7 @@ class Quantized:
             return out.to(x.dtype).view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling():
             weight = self.dequantized(0, None, x.dtype)
-            if rows <= FEW_ROWS and weight.device.type == "cpu":  # in any dtype: Inductor fuses the dequantization
+            if row_by_row(rows, self.qweight.device, self.qweight.dtype):
                 return row_by_row_product(x, weight)
             return F.linear(x, weight)
         step = tile_rows(columns)
@@ -261,7 +259,7 @@ def prepare_kernels(model: nn.Module) -> None:
     """
     for layer in quantized_layers(model):
         rows, columns = layer.qweight.shape[0], layer.in_features
-        if not (CPU_KERNELS and isinstance(layer, ColumnParallel) and layer.qweight.device.type == "cpu"):
+        if not (CPU_BF16 and isinstance(layer, ColumnParallel) and layer.qweight.device.type == "cpu"):
             continue
         if layer.scheme.bits == 8 and columns % INT8_KERNEL_WIDTHS == 0:
             layer.register_buffer("kernel_scales", layer.scales.to(torch.bfloat16), persistent=False)

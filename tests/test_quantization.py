@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
+from llama.compile import CPU_BF16
 from llama.convert import to_hugging_face
 from llama.loading import load_model
 from llama.memory import estimate_memory
 from llama.model import weight_layout
 from llama.quantization import (
-    CPU_KERNELS,
     QuantizedColumnParallel,
     QuantizedRowParallel,
     Scheme,
@@ -134,7 +134,7 @@ def test_int4_weights_repacked_for_the_cpu_kernel_stand_for_the_same_numbers(che
     """With groups of 32, the 64 rows of wq take torch's int4 kernel on a CPU with bf16 instructions."""
     original = build(checkpoint, tokenizer_path).model.layers[0].attention.wq.weight
     layer = build(checkpoint, tokenizer_path, quantize="int4:g32").model.layers[0].attention.wq
-    assert layer.kernel == ("int4" if CPU_KERNELS else None)
+    assert layer.kernel == ("int4" if CPU_BF16 else None)
     expected = dequantize(*quantize(original, Scheme(4, 32)), Scheme(4, 32))
     # The kernel's scales are bf16: within 2^-8 of ours.
     torch.testing.assert_close(layer.dequantized(0, None, torch.float32), expected, rtol=2**-8, atol=0)
