@@ -53,9 +53,9 @@ def single_process_answers() -> dict[bool, list[str]]:
             for held in (False, True)}  # fmt: skip
 
 
-# Problems training never saw, in its phrasings and in phrasings it never saw. The shipped model
-# gets 94/100 and 83/100 of these (issue #17 asked for 95% and 90%: not reached yet).
-ACCURACY_FLOOR = {False: 0.9, True: 0.8}
+# Problems training never saw, in its phrasings and in phrasings it never saw: the floors issue #17
+# asked for. The shipped model gets 97/100 and 90/100 of these.
+ACCURACY_FLOOR = {False: 0.95, True: 0.9}
 
 
 @pytest.mark.parametrize("held_out_phrasing", [False, True])

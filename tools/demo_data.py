@@ -38,23 +38,45 @@ EXPRESSION_FRAMES = (
     ["what is {x}?", "what's {x}", "whats {x}", "how much is {x}?", "{x} = ?", "{x} =", "{x} is what?", "{x}?", "{x}",
      "calculate {x}", "compute {x}", "tell me {x}", "work out {x}", "what do you get for {x}?", "can you compute {x}?",
      "do you know what {x} is?", "I need {x}", "{x} equals?", "give me {x}", "find {x}", "solve {x}",
-     "what is the answer to {x}?", "please work out {x}", "how much do you get for {x}?"],
+     "what is the answer to {x}?", "please work out {x}", "how much do you get for {x}?", "what is the value of {x}?",
+     "evaluate {x}", "figure out {x}", "and {x}?", "what about {x}?", "tell me what {x} is", "what is {x} equal to?",
+     "how much does {x} make?", "now {x}", "answer this: {x}", "{x}, what do you get?", "{x}, what is it?",
+     "{x}, tell me the answer", "{x}, can you do it?", "{x} makes what?"],
     ["I'd like to know {x}.", "what does {x} come to?", "can you figure out {x} for me?", "{x}, how much is that?",
      "so what is {x}", "any idea what {x} makes?", "what would {x} be?", "quick: {x}"],
 )  # fmt: skip
 ACTION_FRAMES = (
     ["{v}", "please {v}", "can you {v}?", "could you {v} for me?", "{v}, please", "I want you to {v}", "help me {v}",
-     "would you {v}?", "{v} and tell me the answer", "try to {v}"],
+     "would you {v}?", "{v} and tell me the answer", "try to {v}", "I need you to {v}", "let's {v}", "now {v}",
+     "{v} for me", "can you please {v}?"],
     ["kindly {v}", "I'd like you to {v}.", "go ahead and {v}", "mind if I ask you to {v}?"],
 )  # fmt: skip
 OPENERS = (
     ["", "", "", "Hi. ", "Hello! ", "Hey, ", "Good morning. ", "Quick question: ", "Math question: ",
      "I'm stuck on my homework. ", "My teacher asked: ", "Sorry to bother you, but ", "Here's one for you: ",
-     "Thanks for helping! ", "OK. ", "Next one: "],
+     "Thanks for helping! ", "OK. ", "Next one: ", "Excuse me, ", "Question: ", "Hey! ", "Good afternoon. ",
+     "Let me ask you something. ", "I have a question. ", "Please help. "],
     ["Hi there, ", "Good evening! ", "One more: ", "Help me out here. "],
 )  # fmt: skip
-ENDINGS = (["", "", "?", ".", "!", " thanks", " please", " thank you!", "??"], [" :)", " cheers", "?!"])
+ENDINGS = (
+    ["", "", "?", ".", "!", " thanks", " please", " thank you!", "??", " please?", " now", "..."],
+    [" :)", " cheers", "?!"],
+)
 OPERATORS = {"+": ["+", " + ", " +", "+ ", " + "], "-": ["-", " - ", " -", "- ", " - "]}
+
+
+# Words for filler sentences around trained questions, so that the model learns to find the
+# problem among words it has not seen there (the held-out phrasings' openers and endings).
+FILLER_WORDS = [
+    "the", "a", "my", "your", "and", "so", "then", "today", "very", "is", "was", "we", "you", "I", "it", "little",
+    "big", "new", "old", "good", "nice", "friend", "day", "night", "school", "class", "dad", "mum", "sister",
+    "brother", "teacher", "here", "again", "also", "really", "just", "well",
+]  # fmt: skip
+
+
+def filler(rng: random.Random) -> str:
+    """A few random words: never a question, never a number."""
+    return " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(2, 6)))
 
 
 def phrasing_part(parts: tuple[list[str], list[str]], held_out: bool, rng: random.Random) -> str:
@@ -70,10 +92,14 @@ def question(rng: random.Random, a: int, op: str, b: int, held_out_phrasing: boo
         core = phrasing_part(EXPRESSION_FRAMES, held_out_phrasing, rng).format(x=rng.choice(EXPRESSIONS[op]))
     core = core.format(a=a, b=b, op=symbol)
     opener = phrasing_part(OPENERS, held_out_phrasing, rng)
+    if not held_out_phrasing and rng.random() < 0.15:
+        opener = filler(rng).capitalize() + rng.choice([". ", "! ", ", ", ": "])
     text = opener + (core[:1].upper() + core[1:] if not opener or opener.endswith((". ", "! ", ": ")) else core)
     text = text.rstrip("?.!") + phrasing_part(ENDINGS, held_out_phrasing, rng) if rng.random() < 0.5 else text
+    if not held_out_phrasing and rng.random() < 0.1:
+        text += rng.choice([" ", ", ", ". "]) + filler(rng)
     case = rng.random()
-    return text.lower() if case < 0.2 else text.upper() if case < 0.32 else text
+    return text.lower() if case < 0.2 else text.upper() if case < 0.38 else text
 
 
 HELLO = "Hello! I am a tiny demo model. I can add and subtract whole numbers up to 99: try asking what is 12 + 30."
