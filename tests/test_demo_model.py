@@ -17,14 +17,19 @@ from tools.evaluate_demo_model import answer_all
 HELD_OUT = 100
 
 
+def assert_meta_format(folder: Path, shards: int) -> None:
+    """Meta's files, and a checklist.chk whose checksums hold."""
+    files = {p.name for p in folder.iterdir()}
+    expected = {f"consolidated.{i:02d}.pth" for i in range(shards)} | {"params.json", "tokenizer.model"}
+    assert files == expected | {"checklist.chk"}
+    for line in (folder / "checklist.chk").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert hashlib.md5((folder / name).read_bytes()).hexdigest() == digest
+
+
 def test_folders_are_in_meta_format_with_valid_checksums() -> None:
     for folder, shards in ((DEMO, 1), (DEMO_MP2, 2)):
-        files = {p.name for p in folder.iterdir()}
-        expected = {f"consolidated.{i:02d}.pth" for i in range(shards)} | {"params.json", "tokenizer.model"}
-        assert files == expected | {"checklist.chk"}
-        for line in (folder / "checklist.chk").read_text().splitlines():
-            digest, name = line.split("  ")
-            assert hashlib.md5((folder / name).read_bytes()).hexdigest() == digest
+        assert_meta_format(folder, shards)
     assert sum(p.stat().st_size for p in DEMO.iterdir()) <= 20 * 2**20
 
 
@@ -103,3 +108,20 @@ def test_example_scripts_run_the_demo_model_by_default() -> None:
     assert text.stdout.count("==================================") == 4
     assert "> time and space depend on how fast you move." in text.stdout
     assert "> fromage" in text.stdout
+
+
+def test_the_training_command_writes_both_folders_in_meta_format(tmp_path: Path) -> None:
+    """Two steps, as a user would start a short trial run: fewer steps than the three progress checks."""
+    out = tmp_path / "llama-2-demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.train_demo_model", "--out_dir", str(out), "--steps", "2"],
+        cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("held-out exact match:") == 2  # after each of the two steps
+    for folder, shards in ((out, 1), (tmp_path / "llama-2-demo-mp2", 2)):
+        assert_meta_format(folder, shards)
+    assert json.loads((out / "params.json").read_text()) == json.loads((DEMO / "params.json").read_text())
+    weights = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert Llama.build(str(out), None, max_seq_len=64, max_batch_size=1, device="cpu").tokenizer.n_words == 1000

@@ -218,7 +218,7 @@ def main(
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.0f} s", flush=True)
-        if (step + 1) % (steps // 3) == 0:
+        if (step + 1) % max(1, steps // 3) == 0:
             trained, new = (held_out_accuracy(model, tokenizer, phrasing) for phrasing in (False, True))
             print(f"held-out exact match: {trained:.1%} in trained phrasings, {new:.1%} in new ones", flush=True)
 
