@@ -13,9 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import fire
-import torch.distributed as dist
 
-from llama.runtime import TIMEOUT_ENV, collective_timeout, rank, say_once, silent_peers, world_size
+from llama.runtime import (
+    TIMEOUT_ENV,
+    close_process_group,
+    collective_timeout,
+    rank,
+    say_once,
+    silent_peers,
+    world_size,
+)
 
 # The small model this repository ships in models/ (see MODEL_CARD.md): what the scripts run when
 # no checkpoint is named, so the library can be tried without Meta's weights. It comes with a
@@ -90,5 +97,4 @@ def run_script(main: Callable[..., None]) -> None:
         say_once(f"rank {rank()}: {failure}", topic=failure)
         sys.exit(1)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()

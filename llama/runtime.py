@@ -218,6 +218,16 @@ class Heartbeat(threading.Thread):
             self.stopping.wait(HEARTBEAT_S)
 
 
+def close_process_group() -> None:
+    """Leave the process group, this process's heartbeat first: a heartbeat inside a store call
+    while the group's store is torn down aborts the process as at exit (see Heartbeat)."""
+    for thread in threading.enumerate():
+        if isinstance(thread, Heartbeat):
+            thread.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def silent_peers() -> list[int] | None:
     """The ranks whose heartbeat stood still for a few beats (stopped, not dead), or None if unknown."""
     store = group_store()

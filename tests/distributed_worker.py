@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from llama import Llama
+from llama.runtime import close_process_group
 
 PROMPTS = ["The cat", "A dog sat on the mat and the sun", "Red"]
 TOKENS = [[1, 5, 9, 13, 20, 30, 41]]
@@ -51,4 +52,4 @@ if __name__ == "__main__":
         generator = build(ckpt_dir, options.tokenizer_path, options.quantize)
         result = run_compiled(generator) if options.compile else run(generator)
         torch.save(result, f"{options.out_dir}/{Path(ckpt_dir).name}-rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    close_process_group()
