@@ -92,7 +92,8 @@ def test_ctrl_c_while_generating_says_interrupted(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_while_loading_says_interrupted(tmp_path: Path) -> None:
-    # A shard that is a pipe: loading blocks reading it until the test lets go.
+    # A shard that is a pipe with no writer: opening it blocks, in the middle of loading, for as
+    # long as the test likes. The kernel names where a process waits for a pipe's other end.
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for name in ("params.json", "tokenizer.model"):
@@ -102,15 +103,13 @@ def test_ctrl_c_while_loading_says_interrupted(tmp_path: Path) -> None:
     with killed_afterwards(
         subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True)
     ) as job:
-        deadline, writer = time.monotonic() + 60, None
-        while writer is None and time.monotonic() < deadline:
-            try:  # succeeds once the job has the pipe open for reading, that is, while it loads
-                writer = os.open(folder / "consolidated.00.pth", os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                time.sleep(0.05)
+        waiting_in = Path(f"/proc/{job.pid}/wchan")
+        deadline = time.monotonic() + 60
+        while waiting_in.read_text() != "wait_for_partner" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting_in.read_text() == "wait_for_partner", "the job never got to opening its shard"
         job.send_signal(signal.SIGINT)
         _, stderr = job.communicate(timeout=60)
-        os.close(writer)
         assert job.returncode == 130
         assert stderr == "interrupted\n"
 
