@@ -205,14 +205,17 @@ class Served:
 
 
 @contextlib.contextmanager
-def started(*flags: str, command: list[str] | None = None, key: str | None = None) -> Iterator[Served]:
+def started(
+    *flags: str, command: list[str] | None = None, key: str | None = None, ready_within: float = 120
+) -> Iterator[Served]:
+    """A server run with these flags, once /health says it is ready (a compiled one compiles first)."""
     port = free_port()
     command = (command or [sys.executable, "-m", "llama.serve"]) + ["--port", str(port), *flags]
     job = subprocess.Popen(
         command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     with killed_afterwards(job):
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_within
         while True:
             assert job.poll() is None, job.communicate()[1][-3000:]
             try:
