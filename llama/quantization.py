@@ -18,8 +18,9 @@ few rows (a decode step) on a CPU with bf16 instructions, a column-parallel laye
 torch's fused int8 or int4 kernel, which takes its activations in bf16 (see prepare_kernels).
 Otherwise the product uses the dequantized weight: inside the compiled decode step
 llama.compile writes it row by row and Inductor fuses the dequantization into that loop,
-reading the integers once; eagerly (prefill) the weight is dequantized a tile of rows at a
-time, each tile multiplied while it is still in the cache.
+reading the integers once (on CPUs without bf16 instructions, packed in 32-bit words: see
+pack_words); eagerly (prefill) the weight is dequantized a tile of rows at a time, each
+tile multiplied while it is still in the cache.
 
 `python -m llama.quantize` writes a quantized checkpoint; Llama.build(quantize=...) quantizes
 while loading, one weight at a time.
@@ -175,6 +176,7 @@ class Quantized:
 
     scheme: Scheme
     kernel: str | None = None  # "int8" or "int4": its decode products run in torch's CPU kernel
+    words: int | None = None  # integers packed in words, in blocks of this many columns (see pack_words)
 
     def dequantized(self, start: int, stop: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of the weight, in `dtype`."""
@@ -182,7 +184,11 @@ class Quantized:
         if self.kernel == "int4":
             scales = self.kernel_scales[:, start:stop, 0].t()
             return from_nibbles(unpack_int4_kernel_layout(q), scales.to(dtype))
-        return dequantize(q, self.scales[start:stop].to(dtype), self.scheme)
+        scales = self.scales[start:stop].to(dtype)
+        if self.words is None:
+            return dequantize(q, scales, self.scheme)
+        integers = unpack_words(q, self.scheme.bits, self.words)
+        return dequantize(integers, scales, self.scheme) if self.scheme.bits == 8 else from_nibbles(integers, scales)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         rows, columns = x.shape[:-1].numel(), x.shape[-1]
@@ -195,14 +201,67 @@ class Quantized:
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.qweight, group, self.kernel_scales)
             return out.to(x.dtype).view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling():
+            by_rows = row_by_row(rows, self.qweight.device, self.scheme.integer_dtype)
+            if self.words is not None and by_rows:
+                return words_product(x, self.qweight, self.scales, self.scheme.bits)
             weight = self.dequantized(0, None, x.dtype)
-            if row_by_row(rows, self.qweight.device, self.qweight.dtype):
-                return row_by_row_product(x, weight)
-            return F.linear(x, weight)
+            return row_by_row_product(x, weight) if by_rows else F.linear(x, weight)
         step = tile_rows(columns)
         rows_out = self.qweight.shape[0]
         tiles = [F.linear(x, self.dequantized(s, s + step, x.dtype)) for s in range(0, rows_out, step)]
         return torch.cat(tiles, dim=-1)
+
+
+def pack_words(values: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Integers (rows, columns) of `bits` bits each (int8's, or int4's 0..15) packed 32 // bits to
+    a 32-bit word: in each block of `block` columns (int8: the row; int4: a group), field k of word
+    j holds the block's column k * block / n + j, so that each field meets a contiguous part of
+    the input.
+
+    Why: Inductor's loop over a row reads its integers a vector of floats' width at a time; on a
+    CPU without AVX-512 torch reads so few 8- or 32-bit integers through a copy on the stack,
+    which made that loop slower than fp32's. Words stored as float32 bits are read as plain float
+    vectors, and shifts take the fields out of them (so the model must not be cast with .to(dtype)
+    after loading, which would convert those bits as numbers).
+    """
+    rows, columns = values.shape
+    n = 32 // bits
+    fields = values.view(rows, columns // block, n, block // n).transpose(2, 3)  # (rows, blocks, word, field)
+    if bits == 4:  # two fields to a byte, the first in the low nibble
+        fields = fields[..., 0::2] | (fields[..., 1::2] << 4)
+    return fields.contiguous().view(torch.float32).view(rows, -1)
+
+
+def field(words: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Field k of int32 words: int8's sign-extended, int4's 0..15."""
+    if bits == 8:
+        return (words << (24 - 8 * k)) >> 24
+    return (words >> (4 * k)) & 15
+
+
+def unpack_words(words: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """The integers (rows, columns) that pack_words packed: int8, or int4's 0..15 as uint8."""
+    rows, n = words.shape[0], 32 // bits
+    fields = words.view(torch.int8 if bits == 8 else torch.uint8).view(rows, -1, block // n, 4)
+    if bits == 4:
+        fields = torch.stack((fields & 15, fields >> 4), dim=-1).view(rows, -1, block // n, 8)
+    return fields.transpose(2, 3).reshape(rows, -1)
+
+
+def words_product(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """F.linear(x, weight) for a weight packed by pack_words, one product and sum per row of x:
+    each block of the row is cut in 32 // bits parts, part k meeting field k of the words."""
+    rows, out = x.shape[:-1].numel(), words.shape[0]
+    scales = scales.view(out, -1).to(x.dtype)  # (out, blocks): int8's one block is the row
+    w = words.view(torch.int32).view(out, scales.shape[1], -1)
+    per_row = []
+    for row in x.reshape(rows, scales.shape[1], 32 // bits, -1):
+        parts = [
+            row[:, k] * (field(w, k, bits) if bits == 8 else field(w, k, bits) - 8).to(x.dtype)
+            for k in range(32 // bits)
+        ]
+        per_row.append((sum(parts[1:], parts[0]).sum(-1) * scales).sum(-1))
+    return torch.stack(per_row).view(*x.shape[:-1], -1)
 
 
 def tile_rows(columns: int) -> int:
@@ -255,11 +314,15 @@ def prepare_kernels(model: nn.Module) -> None:
     Column-parallel layers only: the kernels round their results to bf16, and a row-parallel
     layer's ranks would each round their part of the sum, so that 2 processes would not compute
     what 1 does. Done here rather than in each product, where Inductor could not hand the kernel
-    a converted tensor.
+    a converted tensor. On other CPUs, the integers are packed in words (pack_words).
     """
     for layer in quantized_layers(model):
-        rows, columns = layer.qweight.shape[0], layer.in_features
-        if not (CPU_BF16 and isinstance(layer, ColumnParallel) and layer.qweight.device.type == "cpu"):
+        rows, columns = layer.qweight.shape[0], layer.in_features  # column-parallel: all of them
+        if layer.qweight.device.type != "cpu":
+            continue
+        if not CPU_BF16:
+            pack_layer_words(layer)
+        if not (CPU_BF16 and isinstance(layer, ColumnParallel)):
             continue
         if layer.scheme.bits == 8 and columns % INT8_KERNEL_WIDTHS == 0:
             layer.register_buffer("kernel_scales", layer.scales.to(torch.bfloat16), persistent=False)
@@ -275,6 +338,24 @@ def prepare_kernels(model: nn.Module) -> None:
             layer.register_buffer("qweight", packed)
             layer.register_buffer("kernel_scales", scales_and_zeros.bfloat16().contiguous())
             layer.kernel = "int4"
+
+
+def pack_layer_words(layer: Quantized) -> None:
+    """A layer's integers in words (pack_words), where its blocks hold whole words."""
+    bits = layer.scheme.bits
+    block = layer.qweight.shape[1] if bits == 8 else layer.scheme.group_size
+    q = layer.qweight
+    if block % (32 // bits) or not q.is_contiguous():
+        return
+    # Where the integers lie, row by row: a row's words take its bytes, and a mapped checkpoint's
+    # pages are private to this process, so the file stays as it was.
+    words = q.view(torch.float32)
+    step = tile_rows(q.shape[1])
+    for s in range(0, q.shape[0], step):
+        values = q[s : s + step] if bits == 8 else unpack_int4(q[s : s + step], block)
+        words[s : s + step] = pack_words(values, bits, block)
+    layer.register_buffer("qweight", words)
+    layer.words = block
 
 
 def unpack_int4_kernel_layout(packed: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
+from llama.checkpoint import md5sum
 from llama.compile import CPU_BF16
 from llama.convert import to_hugging_face
 from llama.loading import load_model
@@ -22,11 +23,15 @@ from llama.quantization import (
     QuantizedRowParallel,
     Scheme,
     dequantize,
+    pack_words,
     parse_scheme,
     quantize,
     quantized_bytes,
     quantized_layers,
     row_amax,
+    unpack_int4,
+    unpack_words,
+    words_product,
 )
 from llama.quantize import quantize_checkpoint
 from llama.reshard import reshard
@@ -115,6 +120,7 @@ def test_quantized_layers_compute_the_product_with_the_dequantized_weight(
     model = build(checkpoint, tokenizer_path, quantize=scheme).model
     layers = [m for m in model.modules() if isinstance(m, QuantizedColumnParallel | QuantizedRowParallel)]
     assert len(layers) == 7 * GROUPED_QUERY["n_layers"] + 1  # every linear layer, the output layer too
+    assert all((layer.words is not None) == (not CPU_BF16) for layer in layers)  # see pack_words
     assert not any(name.endswith(".weight") and "norm" not in name and "embeddings" not in name
                    for name, _ in model.named_parameters())  # fmt: skip
     for layer in (model.output, model.layers[1].attention.wq, model.layers[0].feed_forward.w2):
@@ -128,6 +134,22 @@ def test_quantized_layers_compute_the_product_with_the_dequantized_weight(
             torch.testing.assert_close(layer(x), expected, atol=0.02 * expected.abs().max().item(), rtol=0.01)
         else:
             torch.testing.assert_close(layer(x), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 16)])
+def test_integers_packed_in_words_are_the_same_integers_and_products(scheme: Scheme) -> None:
+    """pack_words (CPUs without bf16 instructions) changes where the integers lie, not the numbers."""
+    q, scales = quantize(torch.randn(96, 64), scheme)  # int8: every row holds -127 or 127
+    values, block = (q, 64) if scheme.bits == 8 else (unpack_int4(q, 16), 16)
+    words = pack_words(values, scheme.bits, block)
+    assert words.shape == (96, 64 * scheme.bits // 32) and words.nbytes == q.nbytes
+    assert torch.equal(unpack_words(words, scheme.bits, block), values)
+    assert torch.equal(unpack_words(words[10:20], scheme.bits, block), values[10:20])  # prefill's tiles
+    for x in (torch.randn(1, 64), torch.randn(3, 1, 64)):
+        expected = F.linear(x, dequantize(q, scales, scheme))
+        torch.testing.assert_close(words_product(x, words, scales, scheme.bits), expected)
+        compiled = torch.compile(words_product, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(x, words, scales, scheme.bits), expected)
 
 
 def test_int4_weights_repacked_for_the_cpu_kernel_stand_for_the_same_numbers(checkpoint, tokenizer_path) -> None:
@@ -228,6 +250,8 @@ def test_a_saved_quantized_checkpoint_gives_exactly_the_logits_of_quantizing_on_
 def test_loading_a_quantized_checkpoint_copies_nothing(saved: dict[str, Path], tokenizer, tmp_path: Path) -> None:
     """Its integers and fp32 scales become the model's storage where they lie in the mapped file."""
     reshard(saved["int8"], tmp_path / "mp1", 1)
+    shard = tmp_path / "mp1" / "consolidated.00.pth"
+    digest = md5sum(shard)
     model = load_model(tmp_path / "mp1", tokenizer, choose_runtime("cpu"), 32, 1)
     mapped = []
     for line in Path("/proc/self/maps").read_text().splitlines():
@@ -235,8 +259,9 @@ def test_loading_a_quantized_checkpoint_copies_nothing(saved: dict[str, Path], t
             low, high = line.split()[0].split("-")
             mapped.append((int(low, 16), int(high, 16)))
     for layer in (model.layers[0].attention.wq, model.output):
-        for tensor in (layer.qweight, layer.scales):
+        for tensor in (layer.qweight, layer.scales):  # integers packed in words where they lie, if packed
             assert any(low <= tensor.data_ptr() < high for low, high in mapped)
+    assert md5sum(shard) == digest  # the file itself as it was
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
