@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["static/*"]},  # the server's chat page
+    package_data={"llama": ["static/*", "kernels.cpp"]},  # the server's chat page; the CPU kernels, compiled on first use
     python_requires=">=3.10",
     install_requires=Path("requirements.txt").read_text().split(),
     extras_require={

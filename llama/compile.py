@@ -1,13 +1,14 @@
 """torch.compile for the decode step, applied from outside the model.
 
 The decode step repeats for every token. Compiled, each layer becomes a few fused loops, which
-pays back the compile time (tens of seconds) on long generations. On a CPU, one more change
-matters: a decode step multiplies each weight by one row per sequence, too few rows for the
-CPU's BLAS to stream the weight at memory speed. Written as one product and sum per row, the
-products become a single Inductor loop that reads the weight once, on every core. The model
-keeps calling F.linear; a torch function mode, active only inside the compiled step, rewrites it.
-On a CPU with bf16 instructions, bf16 and fp16 weights are rewritten for one or two rows only:
-beyond that, torch's own product streams them faster than Inductor's loop, which converts every
+pays back the compile time (tens of seconds) on long generations. On a CPU a decode step's
+products run in llama.kernels where those could be built; where not, one more change matters: a
+decode step multiplies each weight by one row per sequence, too few rows for the CPU's BLAS to
+stream the weight at memory speed. Written as one product and sum per row, the products become
+a single Inductor loop that reads the weight once, on every core. The model keeps calling
+F.linear; a torch function mode, active only inside the compiled step, rewrites it. On a CPU
+with bf16 instructions, bf16 and fp16 weights are rewritten for one or two rows only: beyond
+that, torch's own product streams them faster than Inductor's loop, which converts every
 element to fp32 once per row.
 
 Positions are symbolic, so one compilation serves every step. The loop over rows fixes the
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from llama.decoding import Step
+from llama.kernels import FEW_ROWS  # up to this many rows, a product on a CPU is a decode step's
 
-FEW_ROWS = 8  # up to this many rows, a compiled CPU step computes products row by row
 # Whether the CPU has AVX512-BF16: torch's own bf16 products (and its fused int8/int4 kernels) are fast.
 CPU_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights

@@ -17,6 +17,7 @@ from torch import nn
 
 from llama.checkpoint import IGNORED_KEYS, Checkpoint, MetaCheckpoint, Progress, by_layer, check_weight_names
 from llama.checkpoint import verify as verify_files
+from llama.kernels import use_kernels
 from llama.memory import available_memory, check_memory
 from llama.model import ModelArgs, Transformer, num_parameters, weight_layout
 from llama.parallel import check_model_parallel_size, model_parallel_sizes
@@ -102,6 +103,7 @@ def load_weights(
     `release`, so its pages need not stay in memory.
     """
     expected = model.state_dict()
+    parameters = {name for name, _ in model.named_parameters()}
     check_weight_names((key for key in state_dict if key not in IGNORED_KEYS), expected, "checkpoint", "params.json")
     for layer, keys in by_layer(expected):
         part = {}
@@ -112,8 +114,8 @@ def load_weights(
                     f"weight {key} has shape {tuple(tensor.shape)} but params.json implies "
                     f"{tuple(expected[key].shape)} for this model-parallel rank"
                 )
-            # Floating-point weights take the runtime's dtype; a quantized layer's integers keep theirs.
-            dtype = runtime.dtype if expected[key].is_floating_point() else expected[key].dtype
+            # Parameters take the runtime's dtype; a quantized layer's integers and fp32 scales keep theirs.
+            dtype = runtime.dtype if key in parameters else expected[key].dtype
             part[key] = tensor.to(device=runtime.device, dtype=dtype)
             if release is not None and part[key] is not tensor:
                 release(tensor)
@@ -179,6 +181,8 @@ def load_model(
     load_weights(model, weights, runtime, progress, release=checkpoint.release)
     if scheme is not None:
         prepare_kernels(model)
+    else:
+        use_kernels(model)
     model.requires_grad_(False)
     model.setup_caches()
     return model

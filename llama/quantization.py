@@ -14,13 +14,12 @@ weight as integers and fp32 scales, symmetric around zero:
 Activations, norms, the embedding, rotary and the KV cache stay in the model's dtype.
 
 A quantized layer is one of the model's own parallel layers with its own `product`. With a
-few rows (a decode step) on a CPU with bf16 instructions, a column-parallel layer's product is
-torch's fused int8 or int4 kernel, which takes its activations in bf16 (see prepare_kernels).
-Otherwise the product uses the dequantized weight: inside the compiled decode step
-llama.compile writes it row by row and Inductor fuses the dequantization into that loop,
-reading the integers once (on CPUs without bf16 instructions, packed in 32-bit words: see
-pack_words); eagerly (prefill) the weight is dequantized a tile of rows at a time, each
-tile multiplied while it is still in the cache.
+few rows (a decode step) on a CPU, that is llama.kernels' int8 or int4 matrix-vector product,
+which reads the integers where they lie and converts them on the way. Otherwise the product
+uses the dequantized weight: inside a compiled decode step (CUDA, or a CPU without the kernels)
+llama.compile writes it so that Inductor fuses the dequantization into the product; eagerly
+(prefill) the weight is dequantized a tile of rows at a time (by llama.kernels in one pass,
+where built), each tile multiplied while it is still in the cache.
 
 `python -m llama.quantize` writes a quantized checkpoint; Llama.build(quantize=...) quantizes
 while loading, one weight at a time.
@@ -34,18 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.compile import CPU_BF16, FEW_ROWS, row_by_row, row_by_row_product
+from llama import kernels
+from llama.compile import row_by_row, row_by_row_product
 from llama.parallel import ColumnParallel, RowParallel, Split, part_size
 
 # Divides every width of Llama 2's shapes on the process counts Meta ships them for (7B on 1, 13B
 # on 2, 70B on 8), and 7B's and 13B's on up to 4 processes.
 DEFAULT_GROUP = 64
 CHUNK = 1 << 20  # values quantized, or dequantized for a product, at a time
-# The int8 kernel reads input features 16 at a time: other widths give wrong numbers or a crash.
-INT8_KERNEL_WIDTHS = 16
-# The int4 kernel's layout packs 64 output features at a time; it takes these group sizes.
-INT4_KERNEL_ROWS = 64
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -76,9 +71,9 @@ class Scheme:
     def integer_dtype(self) -> torch.dtype:
         return torch.int8 if self.bits == 8 else torch.uint8
 
-    def weight_bytes(self, rows: int, columns: int, scale_itemsize: int) -> int:
-        """Bytes of one quantized weight: the integers and their scales."""
-        return rows * self.packed_width(columns) + math.prod(self.scale_shape(rows, columns)) * scale_itemsize
+    def weight_bytes(self, rows: int, columns: int) -> int:
+        """Bytes of one quantized weight: the integers and their fp32 scales."""
+        return rows * self.packed_width(columns) + math.prod(self.scale_shape(rows, columns)) * 4
 
 
 def parse_scheme(text: str | None) -> Scheme | None:
@@ -175,36 +170,24 @@ class Quantized:
     """What a quantized layer adds to its parallel layer: products with the quantized weight."""
 
     scheme: Scheme
-    kernel: str | None = None  # "int8" or "int4": its decode products run in torch's CPU kernel
-    words: int | None = None  # integers packed in words, in blocks of this many columns (see pack_words)
+    kernel: bool = False  # its decode products run in llama.kernels (see prepare_kernels)
 
     def dequantized(self, start: int, stop: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of the weight, in `dtype`."""
-        q = self.qweight[start:stop]
-        if self.kernel == "int4":
-            scales = self.kernel_scales[:, start:stop, 0].t()
-            return from_nibbles(unpack_int4_kernel_layout(q), scales.to(dtype))
-        scales = self.scales[start:stop].to(dtype)
-        if self.words is None:
-            return dequantize(q, scales, self.scheme)
-        integers = unpack_words(q, self.scheme.bits, self.words)
-        return dequantize(integers, scales, self.scheme) if self.scheme.bits == 8 else from_nibbles(integers, scales)
+        q, scales = self.qweight[start:stop], self.scales[start:stop]
+        if self.kernel:
+            return kernels.dequantize(q, scales, self.scheme.group_size).to(dtype)
+        return dequantize(q, scales.to(dtype), self.scheme)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         rows, columns = x.shape[:-1].numel(), x.shape[-1]
-        if self.kernel is not None and rows <= FEW_ROWS:
-            x_bf16 = x.reshape(rows, columns).bfloat16()
-            if self.kernel == "int8":
-                out = torch.ops.aten._weight_int8pack_mm(x_bf16, self.qweight, self.kernel_scales)
-            else:
-                group = self.scheme.group_size
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.qweight, group, self.kernel_scales)
-            return out.to(x.dtype).view(*x.shape[:-1], -1)
+        if self.kernel and rows <= kernels.FEW_ROWS:
+            if self.scheme.bits == 8:
+                return kernels.int8_matvec(x, self.qweight, self.scales)
+            return kernels.int4_matvec(x, self.qweight, self.scales, self.scheme.group_size)
         if torch.compiler.is_compiling():
-            by_rows = row_by_row(rows, self.qweight.device, self.scheme.integer_dtype)
-            if self.words is not None and by_rows:
-                return words_product(x, self.qweight, self.scales, self.scheme.bits)
             weight = self.dequantized(0, None, x.dtype)
+            by_rows = row_by_row(rows, self.qweight.device, self.scheme.integer_dtype)
             return row_by_row_product(x, weight) if by_rows else F.linear(x, weight)
         step = tile_rows(columns)
         rows_out = self.qweight.shape[0]
@@ -212,62 +195,9 @@ class Quantized:
         return torch.cat(tiles, dim=-1)
 
 
-def pack_words(values: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """Integers (rows, columns) of `bits` bits each (int8's, or int4's 0..15) packed 32 // bits to
-    a 32-bit word: in each block of `block` columns (int8: the row; int4: a group), field k of word
-    j holds the block's column k * block / n + j, so that each field meets a contiguous part of
-    the input.
-
-    Why: Inductor's loop over a row reads its integers a vector of floats' width at a time; on a
-    CPU without AVX-512 torch reads so few 8- or 32-bit integers through a copy on the stack,
-    which made that loop slower than fp32's. Words stored as float32 bits are read as plain float
-    vectors, and shifts take the fields out of them (so the model must not be cast with .to(dtype)
-    after loading, which would convert those bits as numbers).
-    """
-    rows, columns = values.shape
-    n = 32 // bits
-    fields = values.view(rows, columns // block, n, block // n).transpose(2, 3)  # (rows, blocks, word, field)
-    if bits == 4:  # two fields to a byte, the first in the low nibble
-        fields = fields[..., 0::2] | (fields[..., 1::2] << 4)
-    return fields.contiguous().view(torch.float32).view(rows, -1)
-
-
-def field(words: torch.Tensor, k: int, bits: int) -> torch.Tensor:
-    """Field k of int32 words: int8's sign-extended, int4's 0..15."""
-    if bits == 8:
-        return (words << (24 - 8 * k)) >> 24
-    return (words >> (4 * k)) & 15
-
-
-def unpack_words(words: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """The integers (rows, columns) that pack_words packed: int8, or int4's 0..15 as uint8."""
-    rows, n = words.shape[0], 32 // bits
-    fields = words.view(torch.int8 if bits == 8 else torch.uint8).view(rows, -1, block // n, 4)
-    if bits == 4:
-        fields = torch.stack((fields & 15, fields >> 4), dim=-1).view(rows, -1, block // n, 8)
-    return fields.transpose(2, 3).reshape(rows, -1)
-
-
-def words_product(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """F.linear(x, weight) for a weight packed by pack_words, one product and sum per row of x:
-    each block of the row is cut in 32 // bits parts, part k meeting field k of the words."""
-    rows, out = x.shape[:-1].numel(), words.shape[0]
-    scales = scales.view(out, -1).to(x.dtype)  # (out, blocks): int8's one block is the row
-    w = words.view(torch.int32).view(out, scales.shape[1], -1)
-    per_row = []
-    for row in x.reshape(rows, scales.shape[1], 32 // bits, -1):
-        parts = [
-            row[:, k] * (field(w, k, bits) if bits == 8 else field(w, k, bits) - 8).to(x.dtype)
-            for k in range(32 // bits)
-        ]
-        per_row.append((sum(parts[1:], parts[0]).sum(-1) * scales).sum(-1))
-    return torch.stack(per_row).view(*x.shape[:-1], -1)
-
-
 def tile_rows(columns: int) -> int:
-    """Rows of a weight dequantized (or repacked) at a time: about CHUNK values, in whole blocks
-    of the int4 kernel's layout."""
-    return max(INT4_KERNEL_ROWS, CHUNK // columns // INT4_KERNEL_ROWS * INT4_KERNEL_ROWS)
+    """Rows of a weight dequantized at a time: about CHUNK values."""
+    return max(1, CHUNK // columns)
 
 
 class QuantizedColumnParallel(Quantized, ColumnParallel):
@@ -303,68 +233,14 @@ def convert(model: nn.Module, scheme: Scheme) -> None:
 
 
 def prepare_kernels(model: nn.Module) -> None:
-    """Once the weights are loaded, hand the decode products of a CPU with bf16 instructions to
-    torch's fused kernels, which take their activations in bf16:
-
-    - int8: the kernel takes its scales in bf16, so the layer keeps a bf16 copy of them (one
-      number per row) beside the fp32 ones that prefill uses.
-    - int4: the integers are repacked into the kernel's layout and the scales replaced by its
-      bf16 scales and zero points (zeros: ours are symmetric), which prefill then reads too.
-
-    Column-parallel layers only: the kernels round their results to bf16, and a row-parallel
-    layer's ranks would each round their part of the sum, so that 2 processes would not compute
-    what 1 does. Done here rather than in each product, where Inductor could not hand the kernel
-    a converted tensor. On other CPUs, the integers are packed in words (pack_words).
-    """
+    """Once the weights are loaded, decide for each quantized layer whether its decode products
+    run in llama.kernels: on a CPU where they are built, for widths their vectors divide."""
     for layer in quantized_layers(model):
-        rows, columns = layer.qweight.shape[0], layer.in_features  # column-parallel: all of them
-        if layer.qweight.device.type != "cpu":
-            continue
-        if not CPU_BF16:
-            pack_layer_words(layer)
-        if not (CPU_BF16 and isinstance(layer, ColumnParallel)):
-            continue
-        if layer.scheme.bits == 8 and columns % INT8_KERNEL_WIDTHS == 0:
-            layer.register_buffer("kernel_scales", layer.scales.to(torch.bfloat16), persistent=False)
-            layer.kernel = "int8"
-        elif layer.scheme.bits == 4 and rows % INT4_KERNEL_ROWS == 0 and layer.scheme.group_size in INT4_KERNEL_GROUPS:
-            packed = torch.empty_like(layer.qweight)
-            step = tile_rows(columns)
-            for s in range(0, rows, step):
-                nibbles = unpack_int4(layer.qweight[s : s + step], layer.scheme.group_size)
-                packed[s : s + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.int(), 1)
-            scales_and_zeros = torch.stack((layer.scales.t(), torch.zeros_like(layer.scales.t())), dim=-1)
-            del layer.scales
-            layer.register_buffer("qweight", packed)
-            layer.register_buffer("kernel_scales", scales_and_zeros.bfloat16().contiguous())
-            layer.kernel = "int4"
-
-
-def pack_layer_words(layer: Quantized) -> None:
-    """A layer's integers in words (pack_words), where its blocks hold whole words."""
-    bits = layer.scheme.bits
-    block = layer.qweight.shape[1] if bits == 8 else layer.scheme.group_size
-    q = layer.qweight
-    if block % (32 // bits) or not q.is_contiguous():
-        return
-    # Where the integers lie, row by row: a row's words take its bytes, and a mapped checkpoint's
-    # pages are private to this process, so the file stays as it was.
-    words = q.view(torch.float32)
-    step = tile_rows(q.shape[1])
-    for s in range(0, q.shape[0], step):
-        values = q[s : s + step] if bits == 8 else unpack_int4(q[s : s + step], block)
-        words[s : s + step] = pack_words(values, bits, block)
-    layer.register_buffer("qweight", words)
-    layer.words = block
-
-
-def unpack_int4_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """The int4 values (rows, columns), 0..15, of weights in the layout of torch's CPU int4
-    kernel: blocks of 64 rows, in which byte k * 32 + i holds row i (low nibble) and row 32 + i
-    (high nibble) of column k."""
-    rows, columns = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.reshape(rows // INT4_KERNEL_ROWS, columns, INT4_KERNEL_ROWS // 2).transpose(1, 2)
-    return torch.cat((blocks & 0xF, blocks >> 4), dim=1).reshape(rows, columns)
+        columns = layer.in_features if isinstance(layer, ColumnParallel) else layer.input_size_per_partition
+        block = columns if layer.scheme.bits == 8 else layer.scheme.group_size // 2
+        layer.kernel = (
+            layer.qweight.device.type == "cpu" and block % kernels.WIDTH == 0 and columns % kernels.WIDTH == 0
+        ) and kernels.available()
 
 
 def quantizable(key: str, split: Split) -> bool:
@@ -422,16 +298,14 @@ def held_widths(layout: dict[str, Split], world: int) -> dict[str, int]:
     }
 
 
-def quantized_bytes(
-    layout: dict[str, Split], scheme: Scheme, world: int, itemsize: int, scale_itemsize: int | None = None
-) -> int:
-    """One rank's bytes of a quantized model's weights: the integers, their scales (`itemsize`
-    bytes each unless said) and the weights kept in floating point (`itemsize` bytes each)."""
+def quantized_bytes(layout: dict[str, Split], scheme: Scheme, world: int, itemsize: int) -> int:
+    """One rank's bytes of a quantized model's weights: the integers, their fp32 scales and the
+    weights kept in floating point (`itemsize` bytes each)."""
     total = 0
     for key, split in layout.items():
         shape = split.part_shape(world)
         if quantizable(key, split):
-            total += scheme.weight_bytes(*shape, scale_itemsize or itemsize)
+            total += scheme.weight_bytes(*shape)
         else:
             total += math.prod(shape) * itemsize
     return total

@@ -67,7 +67,7 @@ def quantize_checkpoint(
             yield shard
 
     itemsize = checkpoint.read("norm.weight", 0, 1).element_size()
-    needed = world * quantized_bytes(checkpoint.layout, scheme, world, itemsize, scale_itemsize=4) + (1 << 20)
+    needed = world * quantized_bytes(checkpoint.layout, scheme, world, itemsize) + (1 << 20)
     with new_folder(dst, src, needed) as folder:
         save_checkpoint(folder, shards(), {**checkpoint.params, "quantization": scheme.params})
         tokenizer = checkpoint.folder / "tokenizer.model"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from llama import kernels
 from llama.runtime import choose_runtime, init_model_parallel
 from llama.tokenizer import Tokenizer, train_tokenizer
 from tests.helpers import GROUPED_QUERY, write_checkpoint
@@ -27,6 +28,13 @@ def corpus(n: int = 3000, seed: int = 0) -> list[str]:
 def model_parallel() -> None:
     """One process: a model-parallel group of size 1 on the CPU, as plain `python` gets."""
     init_model_parallel(choose_runtime("cpu"), 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels() -> None:
+    """llama.kernels built before any test starts a command, so that none compiles them on the way
+    (tests/test_kernels.py builds them afresh, in a cache of its own)."""
+    kernels.available()
 
 
 @pytest.fixture(scope="session")

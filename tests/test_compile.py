@@ -1,4 +1,5 @@
-"""The compiled decode step: the same tokens as the eager one."""
+"""The compiled decode step: the same tokens as the eager one, with llama.kernels' products or,
+where those are not built, Inductor's row-by-row ones."""
 
 from pathlib import Path
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import Llama
+from llama import Llama, kernels
 from llama.compile import FEW_ROWS, RowByRowProducts
-from tests.helpers import prompt_ids
+from tests.helpers import build, prompt_ids
 
 
 def test_compiled_decode_step_gives_the_same_tokens(generator: Llama) -> None:
@@ -22,9 +23,24 @@ def test_compiled_decode_step_gives_the_same_tokens(generator: Llama) -> None:
             assert ours == pytest.approx(theirs, abs=1e-4)
 
 
+def test_without_the_kernels_the_compiled_step_gives_the_same_tokens(
+    checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    generator = build(checkpoint, tokenizer_path)
+    prompts = prompt_ids(generator.tokenizer)[:2]
+    eager, eager_logprobs = generator.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
+    tokens, logprobs = Llama(generator.model, generator.tokenizer, compile=True).generate(
+        prompts, max_gen_len=10, temperature=0, logprobs=True
+    )
+    assert tokens == eager
+    for ours, theirs in zip(logprobs, eager_logprobs):
+        assert ours == pytest.approx(theirs, abs=1e-4)
+
+
 def test_a_compiled_bf16_step_gives_the_same_tokens(checkpoint: Path, tokenizer_path: str) -> None:
-    """bf16 weights take torch's product beyond a few rows on CPUs with bf16 instructions, the
-    row-by-row loop below that: batches of 4 and 1 cover both kinds of product."""
+    """bf16 weights and activations, in batches of 4 and 1: products computed in fp32 by the
+    kernels, compiled and eager alike."""
     bf16 = Llama.build(
         str(checkpoint), tokenizer_path, max_seq_len=48, max_batch_size=4, device="cpu", dtype="bfloat16"
     )

@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import Llama
+from llama import Llama, kernels
 from llama.checkpoint import md5sum
-from llama.compile import CPU_BF16
 from llama.convert import to_hugging_face
 from llama.loading import load_model
 from llama.memory import estimate_memory
@@ -23,15 +22,10 @@ from llama.quantization import (
     QuantizedRowParallel,
     Scheme,
     dequantize,
-    pack_words,
     parse_scheme,
     quantize,
     quantized_bytes,
-    quantized_layers,
     row_amax,
-    unpack_int4,
-    unpack_words,
-    words_product,
 )
 from llama.quantize import quantize_checkpoint
 from llama.reshard import reshard
@@ -113,56 +107,24 @@ def test_int8_with_groups_is_refused_saying_it_has_none() -> None:
         parse_scheme("int8:g64")
 
 
+@pytest.mark.parametrize("kernels_built", [True, False])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_layers_compute_the_product_with_the_dequantized_weight(
-    scheme: str, checkpoint: Path, tokenizer_path: str
+    scheme: str, kernels_built: bool, checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not kernels_built:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     model = build(checkpoint, tokenizer_path, quantize=scheme).model
     layers = [m for m in model.modules() if isinstance(m, QuantizedColumnParallel | QuantizedRowParallel)]
     assert len(layers) == 7 * GROUPED_QUERY["n_layers"] + 1  # every linear layer, the output layer too
-    assert all((layer.words is not None) == (not CPU_BF16) for layer in layers)  # see pack_words
+    assert all(layer.kernel == (kernels_built and kernels.available()) for layer in layers)
     assert not any(name.endswith(".weight") and "norm" not in name and "embeddings" not in name
                    for name, _ in model.named_parameters())  # fmt: skip
     for layer in (model.output, model.layers[1].attention.wq, model.layers[0].feed_forward.w2):
         weight = layer.dequantized(0, None, torch.float32)
-        x = torch.randn(3, 5, layer.in_features)  # prefill: F.linear a tile of dequantized rows at a time
-        torch.testing.assert_close(layer(x), F.linear(x, weight))
-        x = torch.randn(2, 1, layer.in_features)  # decode: on a bf16 CPU, torch's int8 or int4 kernel
-        if layer.kernel is not None:
-            # whose activations are bf16 and whose results are rounded to bf16
-            expected = F.linear(x.bfloat16().float(), weight)
-            torch.testing.assert_close(layer(x), expected, atol=0.02 * expected.abs().max().item(), rtol=0.01)
-        else:
+        # prefill (a tile of dequantized rows at a time), and decode (the kernels, where built)
+        for x in (torch.randn(3, 5, layer.in_features), torch.randn(2, 1, layer.in_features)):
             torch.testing.assert_close(layer(x), F.linear(x, weight))
-
-
-@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 16)])
-def test_integers_packed_in_words_are_the_same_integers_and_products(scheme: Scheme) -> None:
-    """pack_words (CPUs without bf16 instructions) changes where the integers lie, not the numbers."""
-    q, scales = quantize(torch.randn(96, 64), scheme)  # int8: every row holds -127 or 127
-    values, block = (q, 64) if scheme.bits == 8 else (unpack_int4(q, 16), 16)
-    words = pack_words(values, scheme.bits, block)
-    assert words.shape == (96, 64 * scheme.bits // 32) and words.nbytes == q.nbytes
-    assert torch.equal(unpack_words(words, scheme.bits, block), values)
-    assert torch.equal(unpack_words(words[10:20], scheme.bits, block), values[10:20])  # prefill's tiles
-    for x in (torch.randn(1, 64), torch.randn(3, 1, 64)):
-        expected = F.linear(x, dequantize(q, scales, scheme))
-        torch.testing.assert_close(words_product(x, words, scales, scheme.bits), expected)
-        compiled = torch.compile(words_product, fullgraph=True, dynamic=False)
-        torch.testing.assert_close(compiled(x, words, scales, scheme.bits), expected)
-
-
-def test_int4_weights_repacked_for_the_cpu_kernel_stand_for_the_same_numbers(checkpoint, tokenizer_path) -> None:
-    """With groups of 32, the 64 rows of wq take torch's int4 kernel on a CPU with bf16 instructions."""
-    original = build(checkpoint, tokenizer_path).model.layers[0].attention.wq.weight
-    layer = build(checkpoint, tokenizer_path, quantize="int4:g32").model.layers[0].attention.wq
-    assert layer.kernel == ("int4" if CPU_BF16 else None)
-    expected = dequantize(*quantize(original, Scheme(4, 32)), Scheme(4, 32))
-    # The kernel's scales are bf16: within 2^-8 of ours.
-    torch.testing.assert_close(layer.dequantized(0, None, torch.float32), expected, rtol=2**-8, atol=0)
-    x = torch.randn(1, 64)
-    reference = F.linear(x.bfloat16().float(), layer.dequantized(0, None, torch.float32))
-    torch.testing.assert_close(layer(x), reference, atol=0.02 * reference.abs().max().item(), rtol=0.01)
 
 
 def test_quantized_models_stay_close_to_the_original_int4_sixteen_times_less(checkpoint, tokenizer_path) -> None:
@@ -176,25 +138,27 @@ def test_quantized_models_stay_close_to_the_original_int4_sixteen_times_less(che
     assert 4 < error["int4:g16"] / error["int8"] < 32
 
 
-def test_compiled_decode_step_gives_the_eager_tokens(checkpoint: Path, tokenizer_path: str) -> None:
+@pytest.mark.parametrize(("scheme", "kernels_built"), [("int8", True), ("int4:g16", True), ("int8", False)])
+def test_compiled_decode_step_gives_the_eager_tokens(
+    scheme: str, kernels_built: bool, checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the kernels, the compiled step calls them; without (a CPU they do not build on),
+    Inductor fuses the dequantization into its row-by-row products."""
+    if not kernels_built:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     prompts = ["The cat", "A dog sat on the mat and the sun", "Red"]
-    for scheme in SCHEMES:
-        eager = Llama.build(str(checkpoint), tokenizer_path, 48, 4, device="cpu", quantize=scheme)
-        compiled = Llama(eager.model, eager.tokenizer, compile=True)
-        # Where torch's int8 kernel takes bf16 activations, the compiled step's fp32 values, a
-        # rounding error apart from eager's, can round to neighbouring bf16 numbers (2^-8 apart).
-        tolerance = 2e-2 if any(layer.kernel for layer in quantized_layers(eager.model)) else 1e-4
-        expected = eager.text_completion(prompts, max_gen_len=12, temperature=0, logprobs=True)
-        for batch in (prompts, prompts[:1]):
-            got = compiled.text_completion(batch, max_gen_len=12, temperature=0, logprobs=True)
-            for result, reference in zip(got, expected):
-                assert result["generation"] == reference["generation"]
-                torch.testing.assert_close(result["logprobs"], reference["logprobs"], atol=tolerance, rtol=tolerance)
+    eager = Llama.build(str(checkpoint), tokenizer_path, 48, 4, device="cpu", quantize=scheme)
+    compiled = Llama(eager.model, eager.tokenizer, compile=True)
+    expected = eager.text_completion(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    for batch in (prompts, prompts[:1]):
+        got = compiled.text_completion(batch, max_gen_len=12, temperature=0, logprobs=True)
+        for result, reference in zip(got, expected):
+            assert result["generation"] == reference["generation"]
+            torch.testing.assert_close(result["logprobs"], reference["logprobs"], atol=1e-4, rtol=1e-4)
 
 
 def test_a_compiled_bf16_step_gives_the_eager_tokens(checkpoint: Path, tokenizer_path: str) -> None:
-    """With bf16 activations and three rows, unquantized products would go to torch (see
-    llama.compile); quantized ones stay row by row so that the dequantization is fused."""
+    """bf16 activations reach the kernels' fp32 products, in the compiled step as in the eager one."""
     prompts = ["The cat", "A dog sat on the mat and the sun", "Red"]
     eager = Llama.build(str(checkpoint), tokenizer_path, 48, 4, device="cpu", dtype="bfloat16", quantize="int8")
     compiled = Llama(eager.model, eager.tokenizer, compile=True)
@@ -259,7 +223,7 @@ def test_loading_a_quantized_checkpoint_copies_nothing(saved: dict[str, Path], t
             low, high = line.split()[0].split("-")
             mapped.append((int(low, 16), int(high, 16)))
     for layer in (model.layers[0].attention.wq, model.output):
-        for tensor in (layer.qweight, layer.scales):  # integers packed in words where they lie, if packed
+        for tensor in (layer.qweight, layer.scales):
             assert any(low <= tensor.data_ptr() < high for low, high in mapped)
     assert md5sum(shard) == digest  # the file itself as it was
 
@@ -268,10 +232,7 @@ def test_loading_a_quantized_checkpoint_copies_nothing(saved: dict[str, Path], t
 def test_two_processes_give_the_tokens_and_logits_of_one(
     scheme: str, checkpoint: Path, saved: dict[str, Path], tokenizer_path: str, tmp_path: Path
 ) -> None:
-    generator = build_for_workers(str(checkpoint), tokenizer_path, scheme)
-    expected = run(generator)
-    # torch's int8 kernel rounds each product to bf16; two ranks' halves round apart (by an ulp).
-    tolerance = 5e-2 if any(layer.kernel for layer in quantized_layers(generator.model)) else 1e-5
+    expected = run(build_for_workers(str(checkpoint), tokenizer_path, scheme))
     for folder, flags in ((checkpoint, ["--quantize", scheme]), (saved[scheme], [])):
         command = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, *flags)
         done = subprocess.run(
@@ -281,7 +242,7 @@ def test_two_processes_give_the_tokens_and_logits_of_one(
         assert done.returncode == 0, done.stderr[-3000:]
         for rank in range(2):
             result = torch.load(tmp_path / f"{folder.name}-rank{rank}.pt", weights_only=True)
-            torch.testing.assert_close(result["logits"], expected["logits"], atol=tolerance, rtol=tolerance)
+            torch.testing.assert_close(result["logits"], expected["logits"], atol=1e-5, rtol=1e-5)
             assert result["greedy"] == expected["greedy"] and result["sampled"] == expected["sampled"]
 
 

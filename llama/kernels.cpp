@@ -1,0 +1,285 @@
+// Matrix-vector products for a decode step on an x86 CPU: a few input rows against a weight of
+// fp32, bf16, fp16 or int8 values, or int4 in groups, read once, in the layout it is stored in;
+// and int8 and int4 weights as floats, for prefill.
+//
+// A decode step multiplies every weight by one row per sequence, so it is bound by how fast the
+// weight streams in. Converting 8-bit integers to floats costs as much as reading them, so each
+// weight row is read front to back (one stream, which the hardware prefetcher follows) with U
+// independent sums, which keeps the vector units busy instead of waiting on one sum's latency.
+// Several input rows share each converted vector; with more than one, two weight rows go
+// together, so that each input vector loaded serves both.
+//
+// Vectors are 256-bit AVX2 ones, also where the CPU has AVX-512: on AMD's Zen 4 (which runs
+// 512-bit instructions in two halves) they streamed int8, bf16 and fp32 weights faster, and
+// AVX-512's 256-bit permute still converts int4 by table lookup. Built on first use by
+// llama/kernels.py; threads come from torch's own pool.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int L = 8;  // floats to a vector
+using floats = __m256;
+inline floats zero() { return _mm256_setzero_ps(); }
+inline floats load(const float* p) { return _mm256_loadu_ps(p); }
+inline floats fma(floats a, floats b, floats c) { return _mm256_fmadd_ps(a, b, c); }
+inline floats add(floats a, floats b) { return _mm256_add_ps(a, b); }
+inline void store(float* p, floats v) { _mm256_storeu_ps(p, v); }
+inline float total(floats v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline __m128i bytes(const void* p) { return _mm_loadl_epi64(static_cast<const __m128i*>(p)); }
+// L weights as floats.
+inline floats widen(const float* p) { return load(p); }
+inline floats widen(const c10::BFloat16* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline floats widen(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline floats widen(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes(p))); }
+#if defined(__AVX512VL__)
+// One int4 group's 16 weights, scale * (n - 8) for each nibble n, in two vectors: AVX-512
+// looks L of them up at once by their 4-bit indices, which is all the conversion a nibble needs.
+struct Levels {
+  floats low, high;
+  Levels() = default;
+  explicit Levels(float scale)
+      : low(_mm256_mul_ps(_mm256_set1_ps(scale), _mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1))),
+        high(_mm256_mul_ps(_mm256_set1_ps(scale), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7))) {}
+};
+// L bytes of int4 values: the weights of their low nibbles, and of their high ones.
+inline void widen(const uint8_t* p, const Levels& levels, floats& low, floats& high) {
+  __m256i v = _mm256_cvtepu8_epi32(bytes(p));
+  low = _mm256_permutex2var_ps(levels.low, v, levels.high);  // reads each index's low 4 bits only
+  high = _mm256_permutex2var_ps(levels.low, _mm256_srli_epi32(v, 4), levels.high);
+}
+#else
+struct Levels {
+  floats scale, offset;
+  Levels() = default;
+  explicit Levels(float s) : scale(_mm256_set1_ps(s)), offset(_mm256_set1_ps(-8 * s)) {}
+};
+inline void widen(const uint8_t* p, const Levels& levels, floats& low, floats& high) {
+  __m256i v = _mm256_cvtepu8_epi32(bytes(p));
+  low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), levels.scale, levels.offset);
+  high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), levels.scale, levels.offset);
+}
+#endif
+
+// Independent sums per weight row and input row: one for R > 1, where the R rows give enough.
+template <int R>
+constexpr int U = R == 1 ? 4 : 1;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// Weight rows [0, R) (one value per column; `scales`: one per row, or none) against input rows
+// [0, M). K is a multiple of L.
+template <int M, int R, typename T>
+void dense_rows(const float* x, int64_t K, const T* w, const float* scales, float* out, int64_t N) {
+  constexpr int V = U<R>;
+  floats sum[M][R][V];
+  for (auto& a : sum)
+    for (auto& b : a)
+      for (auto& c : b) c = zero();
+  auto step = [&]<int n>(int64_t k) {  // columns [k, k + n * L)
+    floats weights[R][n];
+    for (int r = 0; r < R; r++) {
+      if constexpr (R > 1) prefetch(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
+      for (int v = 0; v < n; v++) weights[r][v] = widen(w + r * K + k + v * L);
+    }
+    for (int m = 0; m < M; m++)
+      for (int v = 0; v < n; v++) {
+        floats xv = load(x + m * K + k + v * L);
+        for (int r = 0; r < R; r++) sum[m][r][v] = fma(xv, weights[r][v], sum[m][r][v]);
+      }
+  };
+  int64_t k = 0;
+  for (; k + V * L <= K; k += V * L) step.template operator()<V>(k);
+  for (; k < K; k += L) step.template operator()<1>(k);
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < R; r++) {
+      floats s = sum[m][r][0];
+      for (int v = 1; v < V; v++) s = add(s, sum[m][r][v]);
+      out[m * N + r] = total(s) * (scales ? scales[r] : 1.0f);
+    }
+}
+
+// The same for int4 weights: in each group of g columns (g / 2 bytes), byte j holds column j in
+// its low nibble and column j + g / 2 in its high one; `scales` holds one number per group.
+// g / 2 is a multiple of L.
+template <int M, int R>
+void int4_rows(const float* x, int64_t K, int64_t g, const uint8_t* q, const float* scales, float* out, int64_t N) {
+  constexpr int V = R == 1 ? 2 : 1;  // each byte vector gives two weight vectors, so two sums
+  const int64_t half = g / 2, groups = K / g;
+  floats sum[M][R][2 * V];
+  for (auto& a : sum)
+    for (auto& b : a)
+      for (auto& c : b) c = zero();
+  for (int64_t j = 0; j < groups; j++) {
+    Levels levels[R];
+    for (int r = 0; r < R; r++) levels[r] = Levels(scales[r * groups + j]);
+    auto step = [&]<int n>(int64_t b) {  // bytes [b, b + n * L) of group j
+      floats low[R][n], high[R][n];
+      for (int r = 0; r < R; r++)
+        for (int v = 0; v < n; v++) widen(q + r * (K / 2) + j * half + b + v * L, levels[r], low[r][v], high[r][v]);
+      for (int m = 0; m < M; m++)
+        for (int v = 0; v < n; v++) {
+          const float* xj = x + m * K + j * g + b + v * L;
+          floats xl = load(xj), xh = load(xj + half);
+          for (int r = 0; r < R; r++) {
+            sum[m][r][v] = fma(xl, low[r][v], sum[m][r][v]);
+            sum[m][r][V + v] = fma(xh, high[r][v], sum[m][r][V + v]);
+          }
+        }
+    };
+    int64_t b = 0;
+    for (; b + V * L <= half; b += V * L) step.template operator()<V>(b);
+    for (; b < half; b += L) step.template operator()<1>(b);
+  }
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < R; r++) {
+      floats s = sum[m][r][0];
+      for (int v = 1; v < 2 * V; v++) s = add(s, sum[m][r][v]);
+      out[m * N + r] = total(s);
+    }
+}
+
+constexpr int64_t GRAIN = 64;  // weight rows a thread takes at a time
+
+// out (M, N) = x (M, K) times rows(...) of the weight, split over threads by weight rows; input
+// rows go 4 at a time, each call of rows<m, r>(x, w_row, out_column) handling r weight rows.
+template <typename Rows>
+at::Tensor products(const at::Tensor& x, int64_t N, Rows rows) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t count = std::min<int64_t>(M - m, 4);
+      auto run = [&](auto inputs) {
+        constexpr int I = decltype(inputs)::value;
+        constexpr int R = I == 1 ? 1 : 2;
+        int64_t n = begin;
+        for (; n + R <= end; n += R) rows.template operator()<I, R>(xp + m * K, n, op + m * N + n);
+        for (; n < end; n++) rows.template operator()<I, 1>(xp + m * K, n, op + m * N + n);
+      };
+      switch (count) {
+        case 1: run(std::integral_constant<int, 1>()); break;
+        case 2: run(std::integral_constant<int, 2>()); break;
+        case 3: run(std::integral_constant<int, 3>()); break;
+        default: run(std::integral_constant<int, 4>()); break;
+      }
+    }
+  });
+  return out;
+}
+
+// The callers (llama/kernels.py) hand over only what these checks pass; they guard the memory.
+void check_input(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  TORCH_CHECK(x.size(1) % L == 0, "the input width must be a multiple of ", L);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "the weight must be a contiguous matrix");
+}
+
+template <typename T>
+at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const float* scales) {
+  const int64_t K = x.size(1);
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+  return products(x, w.size(0), [&]<int M, int R>(const float* xm, int64_t n, float* out) {
+    dense_rows<M, R, T>(xm, K, wp + n * K, scales ? scales + n : nullptr, out, w.size(0));
+  });
+}
+
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
+  check_input(x, w);
+  TORCH_CHECK(w.size(1) == x.size(1), "x and the weight differ in width");
+  switch (w.scalar_type()) {
+    case at::kFloat: return dense<float>(x, w, nullptr);
+    case at::kBFloat16: return dense<c10::BFloat16>(x, w, nullptr);
+    case at::kHalf: return dense<c10::Half>(x, w, nullptr);
+    default: TORCH_CHECK(false, "matvec takes fp32, bf16 or fp16 weights");
+  }
+}
+
+at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  check_input(x, q);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.size(1) == x.size(1), "q must be int8 (N, K)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
+              "scales must be fp32 (N,)");
+  return dense<int8_t>(x, q, scales.data_ptr<float>());
+}
+
+at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+  const int64_t K = x.size(1), N = q.size(0);
+  check_input(x, q);
+  TORCH_CHECK(g % (2 * L) == 0, "the group size must be a multiple of ", 2 * L);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.size(1) * 2 == K && K % g == 0, "q must be uint8 (N, K / 2)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / g),
+              "scales must be fp32 (N, K / group_size)");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return products(x, N, [&]<int M, int R>(const float* xm, int64_t n, float* out) {
+    int4_rows<M, R>(xm, K, g, qp + n * (K / 2), sp + n * (K / g), out, N);
+  });
+}
+
+// The weight that int8 or int4 values stand for, as fp32 rows: prefill's matrix products take it,
+// a tile of rows at a time.
+at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+  const bool int4 = q.scalar_type() == at::kByte;
+  const int64_t N = q.size(0), K = int4 ? 2 * q.size(1) : q.size(1), groups = int4 ? K / g : 1;
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && (int4 || q.scalar_type() == at::kChar), "q must be int8 or uint8");
+  TORCH_CHECK(int4 ? g % (2 * L) == 0 && K % g == 0 : K % L == 0, "the width or group size is not a multiple of ", L);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * groups,
+              "scales must be fp32, one per row or group");
+  at::Tensor out = at::empty({N, K}, scales.options());
+  const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      float* row = op + n * K;
+      if (!int4) {
+        const int8_t* qn = q.data_ptr<int8_t>() + n * K;
+        const floats scale = _mm256_set1_ps(sp[n]);
+        for (int64_t k = 0; k < K; k += L) store(row + k, _mm256_mul_ps(widen(qn + k), scale));
+        continue;
+      }
+      for (int64_t j = 0; j < groups; j++) {
+        const Levels levels(sp[n * groups + j]);
+        const uint8_t* qj = q.data_ptr<uint8_t>() + n * (K / 2) + j * (g / 2);
+        for (int64_t b = 0; b < g / 2; b += L) {
+          floats low, high;
+          widen(qj + b, levels, low, high);
+          store(row + j * g + b, low);
+          store(row + j * g + g / 2 + b, high);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llama, m) {
+  m.def("matvec(Tensor x, Tensor weight) -> Tensor");
+  m.def("int8_matvec(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("int4_matvec(Tensor x, Tensor q, Tensor scales, int group_size) -> Tensor");
+  m.def("dequantize(Tensor q, Tensor scales, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama, CPU, m) {
+  m.impl("matvec", matvec);
+  m.impl("int8_matvec", int8_matvec);
+  m.impl("int4_matvec", int4_matvec);
+  m.impl("dequantize", dequantize);
+}

@@ -1,0 +1,174 @@
+"""Matrix-vector products for a decode step on an x86 CPU, in C++ (llama/kernels.cpp).
+
+A decode step multiplies every weight by one row per sequence. For so few rows torch's CPU BLAS
+streams a weight at a fraction of memory speed, and torch has no int8 or int4 product that keeps
+fp32 activations. These kernels read each weight once, in the layout it is stored in (fp32,
+bf16, fp16, or the integers of llama.quantization), with activations in fp32; and they turn a
+tile of integers back into floats for prefill's matrix products in one pass.
+
+They are compiled on first use by the C++ compiler torch.compile needs too (`c++`, or $CXX),
+for this CPU's AVX2 or AVX-512, and kept in ~/.cache/llama. Where they cannot be built, or with
+LLAMA_CPU_KERNELS=0, products run as before: torch's BLAS, Inductor's row-by-row loops in a
+compiled step, and dequantized tiles for quantized weights.
+"""
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.parallel import ColumnParallel, RowParallel
+from llama.runtime import is_main_process
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+ENABLE_ENV = "LLAMA_CPU_KERNELS"  # "0" turns the kernels off
+FEW_ROWS = 8  # up to this many rows, a product on a CPU is a decode step's: the kernels take it
+WIDTH = 8  # floats to a vector in kernels.cpp: input widths (and int4 half-groups) are multiples
+# What the compiler may use on each of torch's CPU capabilities.
+TARGETS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl"],
+}
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama"
+
+
+def build_command(target: list[str], output: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    return [
+        os.environ.get("CXX", "c++"),
+        *("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w", *target),
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{torch_dir / 'include'}",
+        str(SOURCE),
+        "-o",
+        str(output),
+        f"-L{torch_dir / 'lib'}",
+        "-lc10",
+        "-ltorch_cpu",
+    ]
+
+
+def build(target: list[str]) -> Path:
+    """The compiled library for this source, torch and target: from the cache, or built now.
+
+    Written under a name of its own and renamed into place, so processes building at once (one
+    per rank) never load a half-written file.
+    """
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([torch.__version__, *build_command(target, Path("out"))]).encode())
+    library = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        print("llama: compiling the CPU kernels (once, about 10 s)", file=sys.stderr, flush=True)
+    partial = library.with_name(f".{library.name}.{os.getpid()}")
+    try:
+        subprocess.run(build_command(target, partial), check=True, capture_output=True, text=True)
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels run here: an x86 CPU with AVX2, and the library built (once) and loaded."""
+    target = TARGETS.get(torch.backends.cpu.get_cpu_capability())
+    if os.environ.get(ENABLE_ENV) == "0" or target is None:
+        return False
+    try:
+        torch.ops.load_library(build(target))
+    except subprocess.CalledProcessError as err:  # the compiler's first error, if it named one
+        errors = [line for line in err.stderr.splitlines() if "error" in line]
+        why = errors[0] if errors else f"{err.cmd[0]} exited with status {err.returncode}"
+    except OSError as err:  # no compiler, or a cache folder that cannot be written
+        why = str(err)
+    else:
+        why = None
+    if why is not None:
+        warnings.warn(
+            f"llama's CPU kernels could not be compiled ({why}): decoding runs slower without them. "
+            f"Install a C++ compiler (g++), or set {ENABLE_ENV}=0 to skip them",
+            stacklevel=2,
+        )
+        return False
+    for name in ("matvec", "int8_matvec", "int4_matvec"):
+        torch.library.register_fake(f"llama::{name}")(product_shape)
+    torch.library.register_fake("llama::dequantize")(weight_shape)
+    return True
+
+
+def product_shape(x: torch.Tensor, weight: torch.Tensor, *scales_and_group) -> torch.Tensor:
+    """What a product returns, for torch.compile's tracing."""
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def weight_shape(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What dequantize returns: int4's bytes hold two columns each."""
+    return scales.new_empty(q.shape[0], q.shape[1] * (2 if q.dtype == torch.uint8 else 1))
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), in fp32, returned in x's dtype."""
+    return torch.ops.llama.matvec(as_rows(x), weight).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def int8_matvec(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x times the weight q * scales (one scale per row), in fp32, returned in x's dtype."""
+    return torch.ops.llama.int8_matvec(as_rows(x), q, scales).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def int4_matvec(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x times an int4 weight in llama.quantization's layout, in fp32, returned in x's dtype."""
+    out = torch.ops.llama.int4_matvec(as_rows(x), q, scales, group_size)
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """The fp32 weight that int8 (group_size None) or int4 values in llama.quantization's layout
+    stand for."""
+    return torch.ops.llama.dequantize(q, scales, group_size or 0)
+
+
+class KernelProducts:
+    """What a linear layer of floats gains on a CPU: its decode products run in the kernels."""
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() <= FEW_ROWS:
+            return matvec(x, self.weight)
+        return F.linear(x, self.weight)
+
+
+class KernelColumnParallel(KernelProducts, ColumnParallel):
+    pass
+
+
+class KernelRowParallel(KernelProducts, RowParallel):
+    pass
+
+
+def use_kernels(model: nn.Module) -> None:
+    """Once the weights are loaded, give each linear layer of floats on a CPU the kernels' decode
+    products, where they run and its width suits them (quantized layers decide for themselves)."""
+    kernel_layers = {ColumnParallel: KernelColumnParallel, RowParallel: KernelRowParallel}
+    for layer in model.modules():
+        weight = getattr(layer, "weight", None)
+        if type(layer) in kernel_layers and weight.device.type == "cpu" and weight.dtype in FLOATS:
+            if weight.shape[1] % WIDTH == 0 and weight.is_contiguous() and available():
+                layer.__class__ = kernel_layers[type(layer)]

@@ -1,0 +1,173 @@
+"""The C++ matrix-vector products of a CPU decode step: the same numbers as F.linear, in eager and
+compiled steps, built once, and a model that still runs where they cannot be built."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import kernels
+from llama.kernels import KernelColumnParallel, KernelRowParallel
+from llama.parallel import ColumnParallel, RowParallel
+from llama.quantization import Scheme, dequantize, quantize
+from tests.helpers import ROOT, build, environment
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+
+# Widths that end in a partial step of the unrolled loop (40, 72), rows that leave one over for a
+# pair (13), and input rows up to beyond what one pass takes (4).
+SHAPES = [(13, 40), (64, 72), (7, 256)]
+ROWS = [1, 2, 3, 5, 8]
+
+
+def close_to(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to fp32 rounding of sums taken in another order."""
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_products_of_float_weights_equal_f_linear_in_fp32(dtype, shape, rows) -> None:
+    weight, x = torch.randn(shape).to(dtype), torch.randn(rows, shape[1])
+    close_to(kernels.matvec(x, weight), F.linear(x, weight.float()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_int8_products_equal_f_linear_with_the_dequantized_weight(shape, rows) -> None:
+    q, scales = quantize(torch.randn(shape), Scheme(8))
+    x = torch.randn(rows, shape[1])
+    close_to(kernels.int8_matvec(x, q, scales), F.linear(x, dequantize(q, scales, Scheme(8))))
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("rows", ROWS)
+def test_int4_products_equal_f_linear_with_the_dequantized_weight(group_size: int, rows: int) -> None:
+    """Groups of 16 and 32 take one or two vectors of bytes per group; 64 and 128 more."""
+    scheme = Scheme(4, group_size)
+    q, scales = quantize(torch.randn(13, 256) * torch.linspace(0.1, 2, 256), scheme)
+    x = torch.randn(rows, 256)
+    close_to(kernels.int4_matvec(x, q, scales, group_size), F.linear(x, dequantize(q, scales, scheme)))
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 16), Scheme(4, 64)])
+def test_dequantizing_gives_the_weight_the_integers_stand_for(scheme: Scheme) -> None:
+    q, scales = quantize(torch.randn(13, 128), scheme)
+    expected = dequantize(q, scales, scheme)
+    assert torch.equal(kernels.dequantize(q, scales, scheme.group_size), expected)
+    assert torch.equal(kernels.dequantize(q[5:9], scales[5:9], scheme.group_size), expected[5:9])  # a tile
+
+
+def test_products_keep_the_inputs_dtype_and_leading_dimensions() -> None:
+    x, weight = torch.randn(2, 1, 64, dtype=torch.bfloat16), torch.randn(24, 64, dtype=torch.bfloat16)
+    product = kernels.matvec(x, weight)
+    assert product.shape == (2, 1, 24) and product.dtype == torch.bfloat16
+    # Computed in fp32 and rounded once, where a bf16 product rounds as it goes.
+    torch.testing.assert_close(product, F.linear(x.float(), weight.float()).bfloat16(), atol=0, rtol=0)
+
+
+def test_products_run_inside_a_compiled_function() -> None:
+    q, scales = quantize(torch.randn(48, 64), Scheme(4, 32))
+    weight = torch.randn(64, 48)
+
+    def layer(x):
+        return kernels.matvec(F.silu(kernels.int4_matvec(x, q, scales, 32)), weight) * 2
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for rows in (1, 3):
+        x = torch.randn(rows, 64)
+        close_to(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: torch.ops.llama.matvec(torch.randn(1, 12), torch.randn(4, 12)), "a multiple of 8"),
+        (lambda: torch.ops.llama.matvec(torch.randn(1, 16), torch.randn(16, 4).t()), "contiguous matrix"),
+        (
+            lambda: torch.ops.llama.int8_matvec(
+                torch.randn(1, 16), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4)
+            ),
+            "q must be int8",
+        ),  # fmt: skip
+        (
+            lambda: torch.ops.llama.int4_matvec(
+                torch.randn(1, 16), torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 2), 8
+            ),
+            "group size must be a multiple of 16",
+        ),  # fmt: skip
+    ],
+)
+def test_the_kernels_refuse_what_they_cannot_read(call, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_a_models_linear_layers_take_the_kernels_and_its_tokens_stay_the_same(
+    checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = build(checkpoint, tokenizer_path)
+    layers = [m for m in fast.model.modules() if isinstance(m, ColumnParallel | RowParallel)]
+    assert len(layers) == 15 and all(isinstance(m, KernelColumnParallel | KernelRowParallel) for m in layers)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    plain = build(checkpoint, tokenizer_path)
+    assert not any(isinstance(m, KernelColumnParallel | KernelRowParallel) for m in plain.model.modules())
+    prompts = [[1, 5, 9, 13], [1, 20, 30]]
+    tokens, logprobs = fast.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
+    expected, expected_logprobs = plain.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
+    assert tokens == expected
+    for ours, theirs in zip(logprobs, expected_logprobs):
+        assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def run_demo(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """The example chat on the demo model, in a fresh process with its own kernel cache."""
+    return subprocess.run(
+        [sys.executable, "example_chat_completion.py"],
+        cwd=ROOT, env={**environment(), "XDG_CACHE_HOME": str(tmp_path), **env}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def answers(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stdout.splitlines() if not line.startswith("Loaded in")]
+
+
+def test_the_kernels_are_compiled_once_per_machine_and_then_loaded(tmp_path: Path) -> None:
+    first = run_demo(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "compiling the CPU kernels" in first.stderr
+    assert len(list((tmp_path / "llama").iterdir())) == 1  # the library, and no half-written file beside it
+    second = run_demo(tmp_path)
+    assert second.returncode == 0 and "compiling" not in second.stderr
+    assert answers(second) == answers(first)
+
+
+def test_without_a_compiler_the_model_runs_and_says_why_it_is_slower(tmp_path: Path) -> None:
+    done = run_demo(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CPU kernels could not be compiled" in done.stderr and "Install a C++ compiler" in done.stderr
+    assert "38 + 47 = 85" in done.stdout
+    assert not any((tmp_path / "llama").iterdir())  # nothing half-written left behind
+    off = run_demo(tmp_path, LLAMA_CPU_KERNELS="0")
+    assert off.returncode == 0 and "kernels" not in off.stderr and answers(off) == answers(done)
+
+
+def test_the_library_name_changes_with_the_source_and_the_target(tmp_path: Path, monkeypatch) -> None:
+    """A changed kernels.cpp, or another CPU sharing the cache, never loads a stale build."""
+
+    def compile_nothing(command: list[str], **kwargs) -> None:
+        Path(command[command.index("-o") + 1]).touch()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels.subprocess, "run", compile_nothing)
+    avx2, avx512 = kernels.build(kernels.TARGETS["AVX2"]), kernels.build(kernels.TARGETS["AVX512"])
+    assert avx2 != avx512 and avx2.parent == tmp_path / "llama" and avx2.exists()
+    source = tmp_path / "kernels.cpp"
+    source.write_text(kernels.SOURCE.read_text() + "// changed\n")
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    assert kernels.build(kernels.TARGETS["AVX2"]) not in (avx2, avx512)
