@@ -12,7 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["static/*", "kernels.cpp"]},  # the server's chat page; the CPU kernels, compiled on first use
+    # The server's chat page, and the CPU kernels' source (compiled on first use).
+    package_data={"llama": ["static/*", "kernels.cpp"]},
     python_requires=">=3.10",
     install_requires=Path("requirements.txt").read_text().split(),
     extras_require={
