@@ -1,6 +1,6 @@
 // Matrix-vector products for a decode step on an x86 CPU: a few input rows against a weight of
 // fp32, bf16, fp16 or int8 values, or int4 in groups, read once, in the layout it is stored in;
-// and int8 and int4 weights as floats, for prefill.
+// int8 and int4 weights as floats, for prefill; and a decode step's attention over the cache.
 //
 // A decode step multiplies every weight by one row per sequence, so it is bound by how fast the
 // weight streams in. Converting 8-bit integers to floats costs as much as reading them, so each
@@ -13,6 +13,10 @@
 // 512-bit instructions in two halves) they streamed int8, bf16 and fp32 weights faster, and
 // AVX-512's 256-bit permute still converts int4 by table lookup. Built on first use by
 // llama/kernels.py; threads come from torch's own pool.
+
+#include <cmath>
+#include <optional>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -271,6 +275,84 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) 
   return out;
 }
 
+// Attention of one new token per sequence over the keys and values cached for it, which is a
+// decode step's attention: q (B, H, 1, D), k and v (B, KV, T, D) in the model's dtype, any
+// strides with contiguous rows of D; `visible` (B, T) or none. Scores, softmax and the weighted
+// sum are fp32; each query head reads its key-value head's rows once, front to back.
+template <typename T>
+void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t len, int64_t D, const bool* visible,
+                 float* scores, float* out) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float top = -INFINITY;
+  for (int64_t t = 0; t < len; t++) {
+    float score = -INFINITY;
+    if (!visible || visible[t]) {
+      floats a = zero(), b = zero();
+      int64_t d = 0;
+      for (; d + 2 * L <= D; d += 2 * L) {
+        a = fma(load(q + d), widen(k + t * step + d), a);
+        b = fma(load(q + d + L), widen(k + t * step + d + L), b);
+      }
+      if (d < D) a = fma(load(q + d), widen(k + t * step + d), a);
+      score = total(add(a, b)) * scale;
+    }
+    scores[t] = score;
+    top = std::max(top, score);
+  }
+  float sum = 0;
+  for (int64_t t = 0; t < len; t++) sum += scores[t] = scores[t] == -INFINITY ? 0.0f : std::exp(scores[t] - top);
+  for (int64_t d = 0; d < D; d++) out[d] = 0;
+  for (int64_t t = 0; t < len; t++) {
+    if (scores[t] == 0) continue;
+    const floats p = _mm256_set1_ps(scores[t] / sum);
+    for (int64_t d = 0; d < D; d += L) store(out + d, fma(p, widen(v + t * step + d), load(out + d)));
+  }
+}
+
+template <typename T>
+void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* visible, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), len = k.size(2);
+  const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(len), query(D), result(D);
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t b = i / H, h = i % H, kv = h / (H / KV);
+      for (int64_t d = 0; d < D; d++) query[d] = static_cast<float>(qp[i * D + d]);
+      attend_head(query.data(), kp + b * k.stride(0) + kv * k.stride(1), vp + b * v.stride(0) + kv * v.stride(1),
+                  k.stride(2), len, D, visible ? visible + b * len : nullptr, scores.data(), result.data());
+      for (int64_t d = 0; d < D; d++) op[i * D + d] = static_cast<T>(result[d]);
+    }
+  });
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& visible) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.is_contiguous(), "q must be contiguous (batch, heads, 1, head_dim)");
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides() && k.stride(3) == 1,
+              "k and v must be alike (batch, kv_heads, positions, head_dim) with contiguous rows");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0,
+              "k and v must match q's batch and head size, with a whole number of query heads to each");
+  TORCH_CHECK(q.size(3) % L == 0, "the head size must be a multiple of ", L);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q, k and v differ in dtype");
+  const bool* vis = nullptr;
+  if (visible) {
+    TORCH_CHECK(visible->scalar_type() == at::kBool && visible->is_contiguous() && visible->dim() == 2 &&
+                    visible->size(0) == q.size(0) && visible->size(1) == k.size(2),
+                "visible must be contiguous bool (batch, positions)");
+    vis = visible->data_ptr<bool>();
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  switch (q.scalar_type()) {
+    case at::kFloat: attend_all<float>(q, k, v, vis, out); break;
+    case at::kBFloat16: attend_all<c10::BFloat16>(q, k, v, vis, out); break;
+    case at::kHalf: attend_all<c10::Half>(q, k, v, vis, out); break;
+    default: TORCH_CHECK(false, "attend takes fp32, bf16 or fp16");
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama, m) {
@@ -278,6 +360,7 @@ TORCH_LIBRARY(llama, m) {
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_matvec(Tensor x, Tensor q, Tensor scales, int group_size) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, int group_size) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama, CPU, m) {
@@ -285,4 +368,5 @@ TORCH_LIBRARY_IMPL(llama, CPU, m) {
   m.impl("int8_matvec", int8_matvec);
   m.impl("int4_matvec", int4_matvec);
   m.impl("dequantize", dequantize);
+  m.impl("attend", attend);
 }

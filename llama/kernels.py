@@ -1,10 +1,12 @@
-"""Matrix-vector products for a decode step on an x86 CPU, in C++ (llama/kernels.cpp).
+"""A decode step's matrix-vector products and attention on an x86 CPU, in C++ (llama/kernels.cpp).
 
 A decode step multiplies every weight by one row per sequence. For so few rows torch's CPU BLAS
 streams a weight at a fraction of memory speed, and torch has no int8 or int4 product that keeps
 fp32 activations. These kernels read each weight once, in the layout it is stored in (fp32,
 bf16, fp16, or the integers of llama.quantization), with activations in fp32; and they turn a
-tile of integers back into floats for prefill's matrix products in one pass.
+tile of integers back into floats for prefill's matrix products in one pass. A decode step's
+attention, one query per sequence, reads each head's cached keys and values once; torch's fused
+attention, built for many queries, took several times as long for it (in bf16 most of all).
 
 They are compiled on first use by the C++ compiler torch.compile needs too (`c++`, or $CXX),
 for this CPU's AVX2 or AVX-512, and kept in ~/.cache/llama. Where they cannot be built, or with
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.model import Attention
 from llama.parallel import ColumnParallel, RowParallel
 from llama.runtime import is_main_process
 
@@ -107,6 +110,7 @@ def available() -> bool:
     for name in ("matvec", "int8_matvec", "int4_matvec"):
         torch.library.register_fake(f"llama::{name}")(product_shape)
     torch.library.register_fake("llama::dequantize")(weight_shape)
+    torch.library.register_fake("llama::attend")(lambda q, k, v, visible: torch.empty_like(q))
     return True
 
 
@@ -146,6 +150,25 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) ->
     return torch.ops.llama.dequantize(q, scales, group_size or 0)
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of one query per sequence, q (batch, heads, 1, head_dim), over keys and
+    values (batch, kv_heads, positions, head_dim); mask (batch or 1, 1, 1, positions) True where visible."""
+    visible = None if mask is None else mask.expand(q.shape[0], 1, 1, keys.shape[2]).reshape(q.shape[0], -1)
+    return torch.ops.llama.attend(q.contiguous(), keys, values, visible)
+
+
+class KernelAttention(Attention):
+    """Attention whose decode steps (one query per sequence) run in the kernels: torch's fused
+    attention is built for many queries at once."""
+
+    def attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if q.shape[2] == 1 and keys.stride(3) == 1 and (mask is None or mask.dtype == torch.bool):
+            return attend(q, keys, values, mask)
+        return super().attend(q, keys, values, mask)
+
+
 class KernelProducts:
     """What a linear layer of floats gains on a CPU: its decode products run in the kernels."""
 
@@ -164,11 +187,16 @@ class KernelRowParallel(KernelProducts, RowParallel):
 
 
 def use_kernels(model: nn.Module) -> None:
-    """Once the weights are loaded, give each linear layer of floats on a CPU the kernels' decode
-    products, where they run and its width suits them (quantized layers decide for themselves)."""
-    kernel_layers = {ColumnParallel: KernelColumnParallel, RowParallel: KernelRowParallel}
+    """Once the weights are loaded, give a model on a CPU the kernels' decode steps: for its
+    attention, and for each linear layer of floats whose width suits them (quantized layers
+    decide for themselves)."""
+    kernel_layers = {ColumnParallel: KernelColumnParallel, RowParallel: KernelRowParallel, Attention: KernelAttention}
     for layer in model.modules():
-        weight = getattr(layer, "weight", None)
-        if type(layer) in kernel_layers and weight.device.type == "cpu" and weight.dtype in FLOATS:
-            if weight.shape[1] % WIDTH == 0 and weight.is_contiguous() and available():
-                layer.__class__ = kernel_layers[type(layer)]
+        if type(layer) not in kernel_layers or any(t.device.type != "cpu" for t in layer.state_dict().values()):
+            continue
+        if type(layer) is Attention:
+            suits = layer.head_dim % WIDTH == 0
+        else:
+            suits = layer.weight.dtype in FLOATS and layer.weight.shape[1] % WIDTH == 0 and layer.weight.is_contiguous()
+        if suits and available():
+            layer.__class__ = kernel_layers[type(layer)]

@@ -181,8 +181,7 @@ def load_model(
     load_weights(model, weights, runtime, progress, release=checkpoint.release)
     if scheme is not None:
         prepare_kernels(model)
-    else:
-        use_kernels(model)
+    use_kernels(model)
     model.requires_grad_(False)
     model.setup_caches()
     return model

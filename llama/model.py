@@ -182,14 +182,20 @@ class Attention(nn.Module):
         else:
             keys, values = self.cache.update(positions, k, v, cache_len, first_row)
 
+        out = self.attend(q.transpose(1, 2), keys, values, mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Softmax attention of q (batch, heads, seqlen, head_dim) over keys and values (batch,
+        kv_heads, positions, head_dim); mask True where a query sees a position."""
         # Without a mask every cached position is visible; a causal prefill from position 0
         # lets the fused kernel build its own triangle.
-        causal = mask is None and seqlen > 1
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
-            enable_gqa=self.n_local_kv_heads != self.n_local_heads,
-        )  # fmt: skip
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_local_kv_heads != self.n_local_heads
+        )
 
 
 class FeedForward(nn.Module):

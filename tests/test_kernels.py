@@ -1,4 +1,4 @@
-"""The C++ matrix-vector products of a CPU decode step: the same numbers as F.linear, in eager and
+"""The C++ kernels of a CPU decode step: the same numbers as F.linear and SDPA, in eager and
 compiled steps, built once, and a model that still runs where they cannot be built."""
 
 import subprocess
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llama import kernels
-from llama.kernels import KernelColumnParallel, KernelRowParallel
+from llama.kernels import KernelAttention, KernelColumnParallel, KernelRowParallel
+from llama.model import Attention
 from llama.parallel import ColumnParallel, RowParallel
 from llama.quantization import Scheme, dequantize, quantize
 from tests.helpers import ROOT, build, environment
@@ -70,6 +71,30 @@ def test_products_keep_the_inputs_dtype_and_leading_dimensions() -> None:
     torch.testing.assert_close(product, F.linear(x.float(), weight.float()).bfloat16(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "head_dim", "positions"),
+    [(1, 12, 12, 64, 130), (3, 8, 2, 32, 17), (2, 4, 4, 24, 1)],  # one head, grouped heads, an odd width
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_of_one_query_equals_sdpa(dtype, batch, heads, kv_heads, head_dim, positions, masked) -> None:
+    """Over rows of a cache (a slice, with the cache's strides), as a decode step reads them."""
+    cache = torch.randn(2, batch + 1, kv_heads, 200, head_dim).to(dtype)
+    keys, values = cache[0, 1:, :, :positions], cache[1, 1:, :, :positions]
+    q = torch.randn(batch, 1, heads, head_dim).to(dtype).transpose(1, 2)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, positions) < 0.7
+        mask[..., -1] = True  # a token always sees itself
+    got = kernels.attend(q, keys, values, mask)
+    expected = F.scaled_dot_product_attention(
+        q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=heads != kv_heads
+    )
+    assert got.dtype == dtype and got.shape == q.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # fp32 inside, rounded once to the dtype
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_products_run_inside_a_compiled_function() -> None:
     q, scales = quantize(torch.randn(48, 64), Scheme(4, 32))
     weight = torch.randn(64, 48)
@@ -100,6 +125,11 @@ def test_products_run_inside_a_compiled_function() -> None:
             ),
             "group size must be a multiple of 16",
         ),  # fmt: skip
+        (lambda: torch.ops.llama.attend(*[torch.randn(1, 2, 1, 12)] * 3, None), "head size must be a multiple of 8"),
+        (
+            lambda: torch.ops.llama.attend(torch.randn(1, 2, 1, 16), *[torch.randn(1, 2, 5, 16)] * 2, torch.ones(1, 4)),
+            "visible must be contiguous bool",
+        ),  # fmt: skip
     ],
 )
 def test_the_kernels_refuse_what_they_cannot_read(call, message: str) -> None:
@@ -107,15 +137,19 @@ def test_the_kernels_refuse_what_they_cannot_read(call, message: str) -> None:
         call()
 
 
-def test_a_models_linear_layers_take_the_kernels_and_its_tokens_stay_the_same(
+def test_a_models_layers_take_the_kernels_and_its_tokens_stay_the_same(
     checkpoint: Path, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Prompts of different lengths: the decode steps attend through a mask."""
     fast = build(checkpoint, tokenizer_path)
-    layers = [m for m in fast.model.modules() if isinstance(m, ColumnParallel | RowParallel)]
-    assert len(layers) == 15 and all(isinstance(m, KernelColumnParallel | KernelRowParallel) for m in layers)
+    layers = [m for m in fast.model.modules() if isinstance(m, ColumnParallel | RowParallel | Attention)]
+    assert len(layers) == 17
+    assert all(isinstance(m, KernelColumnParallel | KernelRowParallel | KernelAttention) for m in layers)
     monkeypatch.setattr(kernels, "available", lambda: False)
     plain = build(checkpoint, tokenizer_path)
-    assert not any(isinstance(m, KernelColumnParallel | KernelRowParallel) for m in plain.model.modules())
+    assert not any(
+        isinstance(m, KernelColumnParallel | KernelRowParallel | KernelAttention) for m in plain.model.modules()
+    )
     prompts = [[1, 5, 9, 13], [1, 20, 30]]
     tokens, logprobs = fast.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
     expected, expected_logprobs = plain.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
