@@ -286,16 +286,7 @@ void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t l
   float top = -INFINITY;
   for (int64_t t = 0; t < len; t++) {
     float score = -INFINITY;
-    if (!visible || visible[t]) {
-      floats a = zero(), b = zero();
-      int64_t d = 0;
-      for (; d + 2 * L <= D; d += 2 * L) {
-        a = fma(load(q + d), widen(k + t * step + d), a);
-        b = fma(load(q + d + L), widen(k + t * step + d + L), b);
-      }
-      if (d < D) a = fma(load(q + d), widen(k + t * step + d), a);
-      score = total(add(a, b)) * scale;
-    }
+    if (!visible || visible[t]) dense_rows<1, 1, T>(q, D, k + t * step, &scale, &score, 1);  // q . k[t] * scale
     scores[t] = score;
     top = std::max(top, score);
   }

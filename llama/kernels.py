@@ -164,7 +164,7 @@ class KernelAttention(Attention):
     def attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        if q.shape[2] == 1 and keys.stride(3) == 1 and (mask is None or mask.dtype == torch.bool):
+        if q.shape[2] == 1:
             return attend(q, keys, values, mask)
         return super().attend(q, keys, values, mask)
 
