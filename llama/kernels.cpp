@@ -11,10 +11,14 @@
 //
 // Vectors are 256-bit AVX2 ones, also where the CPU has AVX-512: on AMD's Zen 4 (which runs
 // 512-bit instructions in two halves) they streamed int8, bf16 and fp32 weights faster, and
-// AVX-512's 256-bit permute still converts int4 by table lookup. Built on first use by
+// AVX-512's 256-bit permute still converts int4 by table lookup; one row's int4 products go
+// through AVX512-BF16's dot product where the CPU has it (see there). Built on first use by
 // llama/kernels.py; threads come from torch's own pool.
 
+#include <bit>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -190,6 +194,146 @@ at::Tensor products(const at::Tensor& x, int64_t N, Rows rows) {
   return out;
 }
 
+#if defined(__AVX512F__)
+// int4 rows against one input row on a CPU with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids
+// and later). The float kernel above spends more time converting nibbles than reading them; here
+// a nibble becomes the bf16 number n - 8 by a lookup in a 32-entry table, 32 at a time, and one
+// instruction multiplies 32 pairs of bf16 numbers and adds them to fp32 sums, exactly: a product
+// of two bf16 numbers fits in fp32. The input row goes in as the bf16 numbers nearest it and,
+// unless that was all of it (a bf16 model's), again as the bf16 numbers nearest what is left,
+// which keeps each value to about 2^-16 of itself. (bf16 weights gained nothing from the same
+// instruction: the float kernel streams them at memory speed already.)
+#define DOT_TARGET __attribute__((target("avx512bw,avx512bf16")))
+
+bool bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// An input row's two bf16 parts, in the order the weights' values come in. Per thread, kept
+// between calls: a decode step makes a hundred of them.
+struct Parts {
+  std::vector<uint16_t> high, low;
+  bool exact = true;  // no second part
+};
+
+DOT_TARGET inline __m512 as_floats(__m256i bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+DOT_TARGET inline __m512bh as_bf16(__m512i v) { return std::bit_cast<__m512bh>(v); }
+
+// x's values at the columns `order` lists, split into parts; a multiple of 16 of them.
+DOT_TARGET const Parts& split(const float* x, const std::vector<int32_t>& order) {
+  thread_local Parts parts;
+  thread_local std::vector<float> placed;
+  const int64_t K = order.size();
+  placed.resize(K), parts.high.resize(K), parts.low.resize(K);
+  for (int64_t i = 0; i < K; i++) placed[i] = x[order[i]];
+  __mmask16 rest = 0;
+  for (int64_t i = 0; i < K; i += 16) {
+    const __m512 v = _mm512_loadu_ps(&placed[i]);
+    const __m256i high = std::bit_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    const __m512 left = _mm512_sub_ps(v, as_floats(high));
+    rest |= _mm512_cmpneq_ps_mask(left, _mm512_setzero_ps());
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&parts.high[i]), high);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&parts.low[i]), std::bit_cast<__m256i>(_mm512_cvtneps_pbh(left)));
+  }
+  parts.exact = rest == 0;
+  return parts;
+}
+
+// Sums of the products of 32 weights (bf16) with the parts at i.
+template <bool Exact>
+DOT_TARGET inline __m512 dot(__m512 sum, __m512i weights, const Parts& x, int64_t i) {
+  sum = _mm512_dpbf16_ps(sum, as_bf16(weights), as_bf16(_mm512_loadu_si512(&x.high[i])));
+  if constexpr (!Exact) sum = _mm512_dpbf16_ps(sum, as_bf16(weights), as_bf16(_mm512_loadu_si512(&x.low[i])));
+  return sum;
+}
+
+// Where int4 rows' values come in 64 bytes at a time: each 16-bit word's four nibbles, a vector
+// of 32 per place, hold columns that `order` lists; each 32-bit lane of the sums belongs to one
+// group, `lanes` of the step's first group `first`, which spans `spans` groups.
+struct Int4Order {
+  std::vector<int32_t> order, lanes;
+  std::vector<int64_t> first;
+  std::vector<__mmask16> spans;
+};
+constexpr int64_t STEP = 64;  // bytes of an int4 row to a step
+
+const Int4Order& int4_order(int64_t K, int64_t g) {
+  static std::mutex lock;
+  static std::map<std::pair<int64_t, int64_t>, Int4Order> made;
+  std::lock_guard<std::mutex> hold(lock);
+  auto [it, fresh] = made.try_emplace({K, g});
+  Int4Order& o = it->second;
+  if (!fresh) return o;
+  const int64_t half = g / 2, steps = K / 2 / STEP;
+  for (int64_t c = 0; c < steps; c++) {
+    for (int place = 0; place < 4; place++)
+      for (int word = 0; word < 32; word++) {  // byte b's low nibble holds column (b / half) * g + b % half
+        const int64_t b = c * STEP + 2 * word + place / 2;
+        o.order.push_back(static_cast<int32_t>(b / half * g + b % half + (place % 2 ? half : 0)));
+      }
+    o.first.push_back(c * STEP / half);
+    for (int lane = 0; lane < 16; lane++)
+      o.lanes.push_back(static_cast<int32_t>((c * STEP + 4 * lane) / half - o.first[c]));
+    o.spans.push_back(static_cast<__mmask16>((1u << ((c * STEP + STEP - 1) / half - o.first[c] + 1)) - 1));
+  }
+  return o;
+}
+
+alignas(64) constexpr uint16_t NIBBLES[32] = {  // bf16 n - 8 for n = 0..15, twice
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0,      0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0,      0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+
+// int4 weight rows [0, R) against x placed in int4_order's order; one scale per group. Rows go
+// four together, so that each vector of x loaded serves four (one at a time ran a quarter slower).
+template <bool Exact, int R>
+DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int64_t g, const uint8_t* q,
+                              const float* scales, float* out) {
+  const __m512i levels = _mm512_load_si512(NIBBLES);
+  const int64_t bytes = K / 2, groups = K / g;
+  __m512 sum[R];
+  for (auto& s : sum) s = _mm512_setzero_ps();
+  for (int64_t c = 0; c < bytes / STEP; c++) {
+    const __m512i lanes = _mm512_loadu_si512(&o.lanes[c * 16]);
+    for (int r = 0; r < R; r++) {
+      // Four streams at once outrun the hardware prefetcher: ask for each row's bytes 4 KiB ahead.
+      prefetch(q + r * bytes + c * STEP + 4096);
+      const __m512i v = _mm512_loadu_si512(q + r * bytes + c * STEP);
+      __m512 part = _mm512_setzero_ps();
+      for (int place = 0; place < 4; place++) {  // the table reads the low 5 bits of each word
+        const __m512i values = _mm512_permutexvar_epi16(place ? _mm512_srli_epi16(v, 4 * place) : v, levels);
+        part = dot<Exact>(part, values, x, c * 128 + place * 32);
+      }
+      const __m512 s = _mm512_maskz_loadu_ps(o.spans[c], scales + r * groups + o.first[c]);
+      sum[r] = _mm512_fmadd_ps(part, _mm512_permutexvar_ps(lanes, s), sum[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(sum[r]);
+}
+
+// out (1, N): x (1, K), split into parts in `order`, against rows(...) of the weight, four at a
+// time, each call of rows<exact, r>(parts, n, out + n) handling r rows.
+template <typename Rows>
+at::Tensor dot_products(const at::Tensor& x, int64_t N, const std::vector<int32_t>& order, Rows rows) {
+  const Parts& parts = split(x.data_ptr<float>(), order);
+  at::Tensor out = at::empty({1, N}, x.options());
+  float* op = out.data_ptr<float>();
+  auto run = [&]<bool Exact>() {
+    at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
+      int64_t n = begin;
+      for (; n + 4 <= end; n += 4) rows.template operator()<Exact, 4>(parts, n, op + n);
+      for (; n < end; n++) rows.template operator()<Exact, 1>(parts, n, op + n);
+    });
+  };
+  parts.exact ? run.template operator()<true>() : run.template operator()<false>();
+  return out;
+}
+#endif
+
 // The callers (llama/kernels.py) hand over only what these checks pass; they guard the memory.
 void check_input(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
@@ -234,6 +378,14 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
               "scales must be fp32 (N, K / group_size)");
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
+#if defined(__AVX512F__)
+  if (x.size(0) == 1 && bf16_dot() && K % (2 * STEP) == 0) {
+    const Int4Order& o = int4_order(K, g);
+    return dot_products(x, N, o.order, [&]<bool Exact, int R>(const Parts& parts, int64_t n, float* out) {
+      int4_rows_dot<Exact, R>(parts, o, K, g, qp + n * (K / 2), sp + n * (K / g), out);
+    });
+  }
+#endif
   return products(x, N, [&]<int M, int R>(const float* xm, int64_t n, float* out) {
     int4_rows<M, R>(xm, K, g, qp + n * (K / 2), sp + n * (K / g), out, N);
   });

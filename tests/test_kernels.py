@@ -45,13 +45,21 @@ def test_int8_products_equal_f_linear_with_the_dequantized_weight(shape, rows) -
     close_to(kernels.int8_matvec(x, q, scales), F.linear(x, dequantize(q, scales, Scheme(8))))
 
 
-@pytest.mark.parametrize("group_size", [16, 32, 48, 64, 128])
+@pytest.mark.parametrize(
+    ("group_size", "width"), [(g, w) for g in (16, 32, 48, 64, 128) for w in (384, 192) if w % g == 0]
+)
 @pytest.mark.parametrize("rows", ROWS)
-def test_int4_products_equal_f_linear_with_the_dequantized_weight(group_size: int, rows: int) -> None:
-    """Half-groups of 8 to 64 bytes: 8 and 24 leave a step over after the unrolled pairs."""
+@pytest.mark.parametrize("inputs", ["fp32", "bf16 values"])
+def test_int4_products_equal_f_linear_with_the_dequantized_weight(group_size, width, rows, inputs) -> None:
+    """Half-groups of 8 to 64 bytes: 8 and 24 leave a step over after the float kernel's unrolled
+    pairs, and 24 puts group boundaries inside the bf16 kernel's 64-byte steps. One row 384 wide
+    (whole steps of 128 columns) takes the bf16 dot product where the CPU has it: in one part for
+    inputs that are bf16 values already, in two for others. Width 192 and more rows take floats."""
     scheme = Scheme(4, group_size)
-    q, scales = quantize(torch.randn(13, 384) * torch.linspace(0.1, 2, 384), scheme)
-    x = torch.randn(rows, 384)
+    q, scales = quantize(torch.randn(13, width) * torch.linspace(0.1, 2, width), scheme)
+    x = torch.randn(rows, width)
+    if inputs == "bf16 values":
+        x = x.bfloat16().float()
     close_to(kernels.int4_matvec(x, q, scales, group_size), F.linear(x, dequantize(q, scales, scheme)))
 
 
