@@ -24,21 +24,14 @@ from torch.overrides import TorchFunctionMode
 
 from llama.decoding import Step
 from llama.kernels import FEW_ROWS  # up to this many rows, a product on a CPU is a decode step's
-from llama.runtime import world_size
 
 # Whether the CPU has AVX512-BF16: torch's own bf16 products (and its fused int8/int4 kernels) are fast.
 CPU_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights
 
 
-# A small model's step on a CPU spends a fair part of its time outside its products and attention:
-# Inductor's C++ wrapper calls the step's kernels from C++ rather than Python (it cannot call a
-# collective yet: one process only), and dynamo skips the guards of modules whose attributes have
-# not changed since it compiled.
-def cpu_options() -> dict | None:
-    return {"cpp_wrapper": True} if world_size() == 1 else None
-
-
+# Dynamo checks the guards of a module only where its attributes changed since it compiled: a
+# small model's step on a CPU spends a fair part of its time outside its products otherwise.
 SKIP_UNCHANGED_MODULES = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
 
 
@@ -78,13 +71,9 @@ def compile_decode_step(step: Step) -> Step:
         with RowByRowProducts():
             return step(model, tokens, start_pos)
 
-    compiled = None
+    compiled = torch.compile(step_row_by_row, dynamic=True, fullgraph=True)
 
     def compiled_or_eager(model, tokens, start_pos):
-        nonlocal compiled
-        if compiled is None:  # the device is known now
-            options = cpu_options() if tokens.device.type == "cpu" else None
-            compiled = torch.compile(step_row_by_row, dynamic=True, fullgraph=True, options=options)
         # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.
         try:
             with SKIP_UNCHANGED_MODULES:
