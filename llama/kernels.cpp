@@ -315,18 +315,21 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
   for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(sum[r]);
 }
 
-// out (1, N): x (1, K), split into parts in `order`, against rows(...) of the weight, four at a
-// time, each call of rows<exact, r>(parts, n, out + n) handling r rows.
-template <typename Rows>
-at::Tensor dot_products(const at::Tensor& x, int64_t N, const std::vector<int32_t>& order, Rows rows) {
-  const Parts& parts = split(x.data_ptr<float>(), order);
+// out (1, N): x (1, K) against int4 rows, four at a time.
+DOT_TARGET at::Tensor int4_dot(const at::Tensor& x, const uint8_t* q, const float* scales, int64_t N, int64_t g) {
+  const int64_t K = x.size(1);
+  const Int4Order& o = int4_order(K, g);
+  const Parts& parts = split(x.data_ptr<float>(), o.order);
   at::Tensor out = at::empty({1, N}, x.options());
   float* op = out.data_ptr<float>();
   auto run = [&]<bool Exact>() {
     at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
+      auto rows = [&]<int R>(int64_t n) {
+        int4_rows_dot<Exact, R>(parts, o, K, g, q + n * (K / 2), scales + n * (K / g), op + n);
+      };
       int64_t n = begin;
-      for (; n + 4 <= end; n += 4) rows.template operator()<Exact, 4>(parts, n, op + n);
-      for (; n < end; n++) rows.template operator()<Exact, 1>(parts, n, op + n);
+      for (; n + 4 <= end; n += 4) rows.template operator()<4>(n);
+      for (; n < end; n++) rows.template operator()<1>(n);
     });
   };
   parts.exact ? run.template operator()<true>() : run.template operator()<false>();
@@ -379,12 +382,7 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
 #if defined(__AVX512F__)
-  if (x.size(0) == 1 && bf16_dot() && K % (2 * STEP) == 0) {
-    const Int4Order& o = int4_order(K, g);
-    return dot_products(x, N, o.order, [&]<bool Exact, int R>(const Parts& parts, int64_t n, float* out) {
-      int4_rows_dot<Exact, R>(parts, o, K, g, qp + n * (K / 2), sp + n * (K / g), out);
-    });
-  }
+  if (x.size(0) == 1 && bf16_dot() && K % (2 * STEP) == 0) return int4_dot(x, qp, sp, N, g);
 #endif
   return products(x, N, [&]<int M, int R>(const float* xm, int64_t n, float* out) {
     int4_rows<M, R>(xm, K, g, qp + n * (K / 2), sp + n * (K / g), out, N);
