@@ -1,6 +1,7 @@
-// Matrix-vector products for a decode step on an x86 CPU: a few input rows against a weight of
-// fp32, bf16, fp16 or int8 values, or int4 in groups, read once, in the layout it is stored in;
-// int8 and int4 weights as floats, for prefill; and a decode step's attention over the cache.
+// Matrix-vector products for a decode step on an x86 CPU: a few input rows against weights of
+// fp32, bf16, fp16 or int8 values, or int4 in groups, read once, in the layout they are stored in
+// (several weights with the same input in one call); int8 and int4 weights as floats, for
+// prefill; and a decode step's attention over the cache.
 //
 // A decode step multiplies every weight by one row per sequence, so it is bound by how fast the
 // weight streams in. Converting 8-bit integers to floats costs as much as reading them, so each
@@ -165,31 +166,57 @@ void int4_rows(const float* x, int64_t K, int64_t g, const uint8_t* q, const flo
 
 constexpr int64_t GRAIN = 64;  // weight rows a thread takes at a time
 
-// out (M, N) = x (M, K) times rows(...) of the weight, split over threads by weight rows; input
-// rows go 4 at a time, each call of rows<m, r>(x, w_row, out_column) handling r weight rows.
-template <typename Rows>
-at::Tensor products(const at::Tensor& x, int64_t N, Rows rows) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t count = std::min<int64_t>(M - m, 4);
-      auto run = [&](auto inputs) {
-        constexpr int I = decltype(inputs)::value;
-        constexpr int R = I == 1 ? 1 : 2;
-        int64_t n = begin;
-        for (; n + R <= end; n += R) rows.template operator()<I, R>(xp + m * K, n, op + m * N + n);
-        for (; n < end; n++) rows.template operator()<I, 1>(xp + m * K, n, op + m * N + n);
-      };
-      switch (count) {
-        case 1: run(std::integral_constant<int, 1>()); break;
-        case 2: run(std::integral_constant<int, 2>()); break;
-        case 3: run(std::integral_constant<int, 3>()); break;
-        default: run(std::integral_constant<int, 4>()); break;
-      }
+// The rows of several weights, one after another: a decode step's products with the same input
+// (a layer's queries, keys and values) go to the threads together, in one call.
+struct Weights {
+  std::vector<int64_t> rows, first;  // each weight's row count, and where its rows start
+  int64_t total = 0;
+  explicit Weights(const std::vector<at::Tensor>& ws) {
+    for (const at::Tensor& w : ws) first.push_back(total), rows.push_back(w.size(0)), total += w.size(0);
+  }
+  // f(i, b, e) for each weight i holding rows of [begin, end): its own rows [b, e).
+  template <typename F>
+  void each(int64_t begin, int64_t end, F f) const {
+    for (size_t i = 0; i < rows.size(); i++) {
+      const int64_t b = std::max(begin, first[i]), e = std::min(end, first[i] + rows[i]);
+      if (b < e) f(i, b - first[i], e - first[i]);
     }
+  }
+  std::vector<at::Tensor> outputs(const at::Tensor& x) const {
+    std::vector<at::Tensor> out;
+    for (int64_t n : rows) out.push_back(at::empty({x.size(0), n}, x.options()));
+    return out;
+  }
+};
+
+// out[i] (M, N_i) = x (M, K) times rows(i, ...) of weight i, split over threads by weight rows;
+// input rows go 4 at a time, each call of rows<m, r>(i, x, row, out_column) handling r weight rows.
+template <typename Rows>
+std::vector<at::Tensor> products(const at::Tensor& x, const Weights& weights, Rows rows) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<at::Tensor> out = weights.outputs(x);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
+    weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
+      const int64_t N = weights.rows[i];
+      float* op = out[i].data_ptr<float>();
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t count = std::min<int64_t>(M - m, 4);
+        auto run = [&](auto inputs) {
+          constexpr int I = decltype(inputs)::value;
+          constexpr int R = I == 1 ? 1 : 2;
+          int64_t n = first;
+          for (; n + R <= last; n += R) rows.template operator()<I, R>(i, xp + m * K, n, op + m * N + n);
+          for (; n < last; n++) rows.template operator()<I, 1>(i, xp + m * K, n, op + m * N + n);
+        };
+        switch (count) {
+          case 1: run(std::integral_constant<int, 1>()); break;
+          case 2: run(std::integral_constant<int, 2>()); break;
+          case 3: run(std::integral_constant<int, 3>()); break;
+          default: run(std::integral_constant<int, 4>()); break;
+        }
+      }
+    });
   });
   return out;
 }
@@ -315,21 +342,26 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
   for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(sum[r]);
 }
 
-// out (1, N): x (1, K) against int4 rows, four at a time.
-DOT_TARGET at::Tensor int4_dot(const at::Tensor& x, const uint8_t* q, const float* scales, int64_t N, int64_t g) {
+// out[i] (1, N_i): x (1, K) against the rows of int4 weight i, four at a time.
+DOT_TARGET std::vector<at::Tensor> int4_dot(const at::Tensor& x, const Weights& weights, const std::vector<at::Tensor>& q,
+                                            const std::vector<at::Tensor>& scales, int64_t g) {
   const int64_t K = x.size(1);
   const Int4Order& o = int4_order(K, g);
   const Parts& parts = split(x.data_ptr<float>(), o.order);
-  at::Tensor out = at::empty({1, N}, x.options());
-  float* op = out.data_ptr<float>();
+  std::vector<at::Tensor> out = weights.outputs(x);
   auto run = [&]<bool Exact>() {
-    at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
-      auto rows = [&]<int R>(int64_t n) {
-        int4_rows_dot<Exact, R>(parts, o, K, g, q + n * (K / 2), scales + n * (K / g), op + n);
-      };
-      int64_t n = begin;
-      for (; n + 4 <= end; n += 4) rows.template operator()<4>(n);
-      for (; n < end; n++) rows.template operator()<1>(n);
+    at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
+      weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
+        const uint8_t* qi = q[i].data_ptr<uint8_t>();
+        const float* si = scales[i].data_ptr<float>();
+        float* op = out[i].data_ptr<float>();
+        auto rows = [&]<int R>(int64_t n) {
+          int4_rows_dot<Exact, R>(parts, o, K, g, qi + n * (K / 2), si + n * (K / g), op + n);
+        };
+        int64_t n = first;
+        for (; n + 4 <= last; n += 4) rows.template operator()<4>(n);
+        for (; n < last; n++) rows.template operator()<1>(n);
+      });
     });
   };
   parts.exact ? run.template operator()<true>() : run.template operator()<false>();
@@ -338,54 +370,69 @@ DOT_TARGET at::Tensor int4_dot(const at::Tensor& x, const uint8_t* q, const floa
 #endif
 
 // The callers (llama/kernels.py) hand over only what these checks pass; they guard the memory.
-void check_input(const at::Tensor& x, const at::Tensor& w) {
+void check_input(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
   TORCH_CHECK(x.size(1) % L == 0, "the input width must be a multiple of ", L);
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "the weight must be a contiguous matrix");
+  TORCH_CHECK(!ws.empty(), "give at least one weight");
+  for (const at::Tensor& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "the weight must be a contiguous matrix");
+    TORCH_CHECK(w.scalar_type() == ws[0].scalar_type(), "the weights differ in dtype");
+  }
 }
 
 template <typename T>
-at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const float* scales) {
+std::vector<at::Tensor> dense(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& scales) {
   const int64_t K = x.size(1);
-  const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-  return products(x, w.size(0), [&]<int M, int R>(const float* xm, int64_t n, float* out) {
-    dense_rows<M, R, T>(xm, K, wp + n * K, scales ? scales + n : nullptr, out, w.size(0));
+  return products(x, Weights(ws), [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
+    const T* wp = reinterpret_cast<const T*>(ws[i].data_ptr());
+    const float* sp = scales.empty() ? nullptr : scales[i].data_ptr<float>() + n;
+    dense_rows<M, R, T>(xm, K, wp + n * K, sp, out, ws[i].size(0));
   });
 }
 
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
-  check_input(x, w);
-  TORCH_CHECK(w.size(1) == x.size(1), "x and the weight differ in width");
-  switch (w.scalar_type()) {
-    case at::kFloat: return dense<float>(x, w, nullptr);
-    case at::kBFloat16: return dense<c10::BFloat16>(x, w, nullptr);
-    case at::kHalf: return dense<c10::Half>(x, w, nullptr);
+std::vector<at::Tensor> matvec(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
+  check_input(x, ws);
+  for (const at::Tensor& w : ws) TORCH_CHECK(w.size(1) == x.size(1), "x and the weight differ in width");
+  switch (ws[0].scalar_type()) {
+    case at::kFloat: return dense<float>(x, ws, {});
+    case at::kBFloat16: return dense<c10::BFloat16>(x, ws, {});
+    case at::kHalf: return dense<c10::Half>(x, ws, {});
     default: TORCH_CHECK(false, "matvec takes fp32, bf16 or fp16 weights");
   }
 }
 
-at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
-  check_input(x, q);
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.size(1) == x.size(1), "q must be int8 (N, K)");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
-              "scales must be fp32 (N,)");
-  return dense<int8_t>(x, q, scales.data_ptr<float>());
+void check_scales(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales, int64_t per_row,
+                  const char* what) {
+  TORCH_CHECK(scales.size() == q.size(), "give one scales tensor per weight");
+  for (size_t i = 0; i < q.size(); i++)
+    TORCH_CHECK(scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() &&
+                    scales[i].numel() == q[i].size(0) * per_row,
+                "scales must be fp32 ", what);
 }
 
-at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t g) {
-  const int64_t K = x.size(1), N = q.size(0);
+std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
+                                    const std::vector<at::Tensor>& scales) {
+  check_input(x, q);
+  for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
+  check_scales(q, scales, 1, "(N,)");
+  return dense<int8_t>(x, q, scales);
+}
+
+std::vector<at::Tensor> int4_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
+                                    const std::vector<at::Tensor>& scales, int64_t g) {
+  const int64_t K = x.size(1);
   check_input(x, q);
   TORCH_CHECK(g % (2 * L) == 0, "the group size must be a multiple of ", 2 * L);
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.size(1) * 2 == K && K % g == 0, "q must be uint8 (N, K / 2)");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / g),
-              "scales must be fp32 (N, K / group_size)");
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
+  for (const at::Tensor& w : q)
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) * 2 == K && K % g == 0, "q must be uint8 (N, K / 2)");
+  check_scales(q, scales, K / g, "(N, K / group_size)");
+  const Weights weights(q);
 #if defined(__AVX512F__)
-  if (x.size(0) == 1 && bf16_dot() && K % (2 * STEP) == 0) return int4_dot(x, qp, sp, N, g);
+  if (x.size(0) == 1 && bf16_dot() && K % (2 * STEP) == 0) return int4_dot(x, weights, q, scales, g);
 #endif
-  return products(x, N, [&]<int M, int R>(const float* xm, int64_t n, float* out) {
-    int4_rows<M, R>(xm, K, g, qp + n * (K / 2), sp + n * (K / g), out, N);
+  return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
+    const int64_t N = q[i].size(0);
+    int4_rows<M, R>(xm, K, g, q[i].data_ptr<uint8_t>() + n * (K / 2), scales[i].data_ptr<float>() + n * (K / g), out, N);
   });
 }
 
@@ -497,9 +544,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }  // namespace
 
 TORCH_LIBRARY(llama, m) {
-  m.def("matvec(Tensor x, Tensor weight) -> Tensor");
-  m.def("int8_matvec(Tensor x, Tensor q, Tensor scales) -> Tensor");
-  m.def("int4_matvec(Tensor x, Tensor q, Tensor scales, int group_size) -> Tensor");
+  m.def("matvec(Tensor x, Tensor[] weights) -> Tensor[]");
+  m.def("int8_matvec(Tensor x, Tensor[] q, Tensor[] scales) -> Tensor[]");
+  m.def("int4_matvec(Tensor x, Tensor[] q, Tensor[] scales, int group_size) -> Tensor[]");
   m.def("dequantize(Tensor q, Tensor scales, int group_size) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
 }

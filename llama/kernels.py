@@ -20,13 +20,15 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.model import Attention
+from llama.model import Attention, FeedForward
 from llama.parallel import ColumnParallel, RowParallel
 from llama.runtime import is_main_process
 
@@ -114,9 +116,9 @@ def available() -> bool:
     return True
 
 
-def product_shape(x: torch.Tensor, weight: torch.Tensor, *scales_and_group) -> torch.Tensor:
+def product_shape(x: torch.Tensor, weights: list[torch.Tensor], *scales_and_group) -> list[torch.Tensor]:
     """What a product returns, for torch.compile's tracing."""
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 
 
 def weight_shape(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -128,20 +130,46 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), in fp32, returned in x's dtype."""
-    return torch.ops.llama.matvec(as_rows(x), weight).to(x.dtype).view(*x.shape[:-1], -1)
+def shaped(x: torch.Tensor, products: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.to(x.dtype).view(*x.shape[:-1], -1) for p in products]
 
 
-def int8_matvec(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x times the weight q * scales (one scale per row), in fp32, returned in x's dtype."""
-    return torch.ops.llama.int8_matvec(as_rows(x), q, scales).to(x.dtype).view(*x.shape[:-1], -1)
+# Each takes several weights with the same input, which a decode step multiplies in one call.
+def matvec(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """F.linear(x, weight) for each weight, in fp32, returned in x's dtype."""
+    return shaped(x, torch.ops.llama.matvec(as_rows(x), weights))
 
 
-def int4_matvec(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x times an int4 weight in llama.quantization's layout, in fp32, returned in x's dtype."""
-    out = torch.ops.llama.int4_matvec(as_rows(x), q, scales, group_size)
-    return out.to(x.dtype).view(*x.shape[:-1], -1)
+def int8_matvec(x: torch.Tensor, q: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x times each weight q * scales (one scale per row), in fp32, returned in x's dtype."""
+    return shaped(x, torch.ops.llama.int8_matvec(as_rows(x), q, scales))
+
+
+def int4_matvec(
+    x: torch.Tensor, q: list[torch.Tensor], scales: list[torch.Tensor], group_size: int
+) -> list[torch.Tensor]:
+    """x times each int4 weight in llama.quantization's layout, in fp32, returned in x's dtype."""
+    return shaped(x, torch.ops.llama.int4_matvec(as_rows(x), q, scales, group_size))
+
+
+class KernelCall(NamedTuple):
+    """How the kernels multiply a layer's weight: op(x, [tensors[0]], [tensors[1]], ..., *args),
+    or several layers' alike in one call, with a list of each of their tensors (see products)."""
+
+    op: Callable[..., list[torch.Tensor]]
+    tensors: tuple[torch.Tensor, ...]
+    args: tuple = ()
+
+
+def products(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """Each layer's output for x: with a decode step's few rows and weights the kernels take alike
+    (see kernel_call), in one call of the kernels; else layer by layer."""
+    if x.shape[:-1].numel() <= FEW_ROWS:
+        calls = [layer.kernel_call() if hasattr(layer, "kernel_call") else None for layer in layers]
+        first = calls[0]
+        if first is not None and all(c is not None and c.op is first.op and c.args == first.args for c in calls):
+            return first.op(x, *[list(t) for t in zip(*(c.tensors for c in calls))], *first.args)
+    return [layer(x) for layer in layers]
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -158,8 +186,12 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
 
 class KernelAttention(Attention):
-    """Attention whose decode steps (one query per sequence) run in the kernels: torch's fused
-    attention is built for many queries at once."""
+    """Attention whose decode steps run in the kernels: its three products in one call, and its
+    attention of one query per sequence (torch's fused attention is built for many queries)."""
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = products(x, [self.wq, self.wk, self.wv])
+        return q, k, v
 
     def attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
@@ -169,12 +201,23 @@ class KernelAttention(Attention):
         return super().attend(q, keys, values, mask)
 
 
+class KernelFeedForward(FeedForward):
+    """A feed-forward block whose two decode products of its input run in one call of the kernels."""
+
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = products(x, [self.w1, self.w3])
+        return gate, up
+
+
 class KernelProducts:
     """What a linear layer of floats gains on a CPU: its decode products run in the kernels."""
 
+    def kernel_call(self) -> KernelCall:
+        return KernelCall(matvec, (self.weight,))
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() <= FEW_ROWS:
-            return matvec(x, self.weight)
+            return matvec(x, [self.weight])[0]
         return F.linear(x, self.weight)
 
 
@@ -188,14 +231,21 @@ class KernelRowParallel(KernelProducts, RowParallel):
 
 def use_kernels(model: nn.Module) -> None:
     """Once the weights are loaded, give a model on a CPU the kernels' decode steps: for its
-    attention, and for each linear layer of floats whose width suits them (quantized layers
-    decide for themselves)."""
-    kernel_layers = {ColumnParallel: KernelColumnParallel, RowParallel: KernelRowParallel, Attention: KernelAttention}
+    attention and feed-forward blocks, and for each linear layer of floats whose width suits them
+    (quantized layers decide for themselves)."""
+    kernel_layers = {
+        ColumnParallel: KernelColumnParallel,
+        RowParallel: KernelRowParallel,
+        Attention: KernelAttention,
+        FeedForward: KernelFeedForward,
+    }
     for layer in model.modules():
         if type(layer) not in kernel_layers or any(t.device.type != "cpu" for t in layer.state_dict().values()):
             continue
         if type(layer) is Attention:
             suits = layer.head_dim % WIDTH == 0
+        elif type(layer) is FeedForward:
+            suits = True  # its products go to the kernels where its layers' do
         else:
             suits = layer.weight.dtype in FLOATS and layer.weight.shape[1] % WIDTH == 0 and layer.weight.is_contiguous()
         if suits and available():

@@ -173,9 +173,10 @@ class Attention(nn.Module):
         first_row: int,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, rotary), apply_rotary_emb(k, rotary)
         if self.cache is None:  # the tokens attend to each other only
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
@@ -184,6 +185,10 @@ class Attention(nn.Module):
 
         out = self.attend(q.transpose(1, 2), keys, values, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x's queries, keys and values, (batch, seqlen, heads * head_dim) each."""
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
@@ -206,7 +211,12 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallel(dim, hidden_dim, world)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.gate_and_up(x)
+        return self.w2(F.silu(gate) * up)
+
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two products of x that SwiGLU multiplies."""
+        return self.w1(x), self.w3(x)
 
 
 class TransformerBlock(nn.Module):

@@ -179,12 +179,17 @@ class Quantized:
             return kernels.dequantize(q, scales, self.scheme.group_size).to(dtype)
         return dequantize(q, scales.to(dtype), self.scheme)
 
+    def kernel_call(self) -> kernels.KernelCall | None:
+        if not self.kernel:
+            return None
+        if self.scheme.bits == 8:
+            return kernels.KernelCall(kernels.int8_matvec, (self.qweight, self.scales))
+        return kernels.KernelCall(kernels.int4_matvec, (self.qweight, self.scales), (self.scheme.group_size,))
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         rows, columns = x.shape[:-1].numel(), x.shape[-1]
         if self.kernel and rows <= kernels.FEW_ROWS:
-            if self.scheme.bits == 8:
-                return kernels.int8_matvec(x, self.qweight, self.scales)
-            return kernels.int4_matvec(x, self.qweight, self.scales, self.scheme.group_size)
+            return kernels.products(x, [self])[0]
         if torch.compiler.is_compiling():
             weight = self.dequantized(0, None, x.dtype)
             by_rows = row_by_row(rows, self.qweight.device, self.scheme.integer_dtype)

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llama import kernels
-from llama.kernels import KernelAttention, KernelColumnParallel, KernelRowParallel
-from llama.model import Attention
+from llama.kernels import KernelAttention, KernelColumnParallel, KernelFeedForward, KernelRowParallel, use_kernels
+from llama.model import Attention, FeedForward
 from llama.parallel import ColumnParallel, RowParallel
-from llama.quantization import Scheme, dequantize, quantize
+from llama.quantization import Scheme, convert, dequantize, prepare_kernels, quantize
 from tests.helpers import ROOT, build, environment
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
@@ -29,20 +30,33 @@ def close_to(got: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
 
 
+def all_close_to(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected):
+        close_to(ours, theirs)
+
+
+# A second weight of another row count, multiplied in the same call: on two threads the second
+# thread's rows begin inside the first weight.
+SECOND_ROWS = 50
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
 def test_products_of_float_weights_equal_f_linear_in_fp32(dtype, shape, rows) -> None:
-    weight, x = torch.randn(shape).to(dtype), torch.randn(rows, shape[1])
-    close_to(kernels.matvec(x, weight), F.linear(x, weight.float()))
+    weights = [torch.randn(shape).to(dtype), torch.randn(SECOND_ROWS, shape[1]).to(dtype)]
+    x = torch.randn(rows, shape[1])
+    all_close_to(kernels.matvec(x, weights), [F.linear(x, w.float()) for w in weights])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
 def test_int8_products_equal_f_linear_with_the_dequantized_weight(shape, rows) -> None:
-    q, scales = quantize(torch.randn(shape), Scheme(8))
+    (q, scales), (q2, scales2) = quantize(torch.randn(shape), Scheme(8)), quantize(torch.randn(5, shape[1]), Scheme(8))
     x = torch.randn(rows, shape[1])
-    close_to(kernels.int8_matvec(x, q, scales), F.linear(x, dequantize(q, scales, Scheme(8))))
+    expected = [F.linear(x, dequantize(q, scales, Scheme(8))), F.linear(x, dequantize(q2, scales2, Scheme(8)))]
+    all_close_to(kernels.int8_matvec(x, [q, q2], [scales, scales2]), expected)
 
 
 @pytest.mark.parametrize(
@@ -56,11 +70,13 @@ def test_int4_products_equal_f_linear_with_the_dequantized_weight(group_size, wi
     (whole steps of 128 columns) takes the bf16 dot product where the CPU has it: in one part for
     inputs that are bf16 values already, in two for others. Width 192 and more rows take floats."""
     scheme = Scheme(4, group_size)
-    q, scales = quantize(torch.randn(13, width) * torch.linspace(0.1, 2, width), scheme)
+    weights = [quantize(torch.randn(n, width) * torch.linspace(0.1, 2, width), scheme) for n in (13, SECOND_ROWS)]
     x = torch.randn(rows, width)
     if inputs == "bf16 values":
         x = x.bfloat16().float()
-    close_to(kernels.int4_matvec(x, q, scales, group_size), F.linear(x, dequantize(q, scales, scheme)))
+    q, scales = [w[0] for w in weights], [w[1] for w in weights]
+    expected = [F.linear(x, dequantize(*w, scheme)) for w in weights]
+    all_close_to(kernels.int4_matvec(x, q, scales, group_size), expected)
 
 
 @pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 16), Scheme(4, 48), Scheme(4, 64)])
@@ -71,9 +87,30 @@ def test_dequantizing_gives_the_weight_the_integers_stand_for(scheme: Scheme) ->
     assert torch.equal(kernels.dequantize(q[5:9], scales[5:9], scheme.group_size), expected[5:9])  # a tile
 
 
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_layers_with_one_input_give_each_its_own_product(rows: int) -> None:
+    """A decode step's layers alike (all int4) go to the kernels in one call, a mix of kinds one
+    by one, and more rows than a decode step's through F.linear: the same numbers each way."""
+    torch.manual_seed(0)
+    scheme = Scheme(4, 32)
+    quantized = [ColumnParallel(64, n, 1) for n in (48, 16)]
+    weights = [torch.randn(layer.weight.shape) for layer in quantized]
+    convert(nn.Sequential(*quantized), scheme)
+    for layer, weight in zip(quantized, weights):
+        layer.qweight, layer.scales = quantize(weight, scheme)
+    prepare_kernels(nn.Sequential(*quantized))
+    floats = ColumnParallel(64, 24, 1)
+    use_kernels(floats)
+    assert isinstance(floats, KernelColumnParallel) and all(layer.kernel for layer in quantized)
+    x = torch.randn(rows, 1, 64)
+    expected = [F.linear(x, dequantize(layer.qweight, layer.scales, scheme)) for layer in quantized]
+    all_close_to(kernels.products(x, quantized), expected)
+    all_close_to(kernels.products(x, [*quantized, floats]), [*expected, F.linear(x, floats.weight)])
+
+
 def test_products_keep_the_inputs_dtype_and_leading_dimensions() -> None:
     x, weight = torch.randn(2, 1, 64, dtype=torch.bfloat16), torch.randn(24, 64, dtype=torch.bfloat16)
-    product = kernels.matvec(x, weight)
+    (product,) = kernels.matvec(x, [weight])
     assert product.shape == (2, 1, 24) and product.dtype == torch.bfloat16
     # Computed in fp32 and rounded once, where a bf16 product rounds as it goes.
     torch.testing.assert_close(product, F.linear(x.float(), weight.float()).bfloat16(), atol=0, rtol=0)
@@ -108,7 +145,8 @@ def test_products_run_inside_a_compiled_function() -> None:
     weight = torch.randn(64, 48)
 
     def layer(x):
-        return kernels.matvec(F.silu(kernels.int4_matvec(x, q, scales, 32)), weight) * 2
+        (hidden,) = kernels.int4_matvec(x, [q], [scales], 32)
+        return kernels.matvec(F.silu(hidden), [weight])[0] * 2
 
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
     for rows in (1, 3):
@@ -119,19 +157,29 @@ def test_products_run_inside_a_compiled_function() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: torch.ops.llama.matvec(torch.randn(1, 12), torch.randn(4, 12)), "a multiple of 8"),
-        (lambda: torch.ops.llama.matvec(torch.randn(1, 16), torch.randn(16, 4).t()), "contiguous matrix"),
+        (lambda: torch.ops.llama.matvec(torch.randn(1, 12), [torch.randn(4, 12)]), "a multiple of 8"),
+        (lambda: torch.ops.llama.matvec(torch.randn(1, 16), [torch.randn(16, 4).t()]), "contiguous matrix"),
         (
             lambda: torch.ops.llama.int8_matvec(
-                torch.randn(1, 16), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4)
+                torch.randn(1, 16), [torch.zeros(4, 16, dtype=torch.uint8)], [torch.ones(4)]
             ),
             "q must be int8",
         ),  # fmt: skip
         (
             lambda: torch.ops.llama.int4_matvec(
-                torch.randn(1, 16), torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 2), 8
+                torch.randn(1, 16), [torch.zeros(4, 8, dtype=torch.uint8)], [torch.ones(4, 2)], 8
             ),
             "group size must be a multiple of 16",
+        ),  # fmt: skip
+        (
+            lambda: torch.ops.llama.matvec(torch.randn(1, 16), [torch.randn(4, 16), torch.randn(4, 16).bfloat16()]),
+            "the weights differ in dtype",
+        ),  # fmt: skip
+        (
+            lambda: torch.ops.llama.int8_matvec(
+                torch.randn(1, 16), [torch.zeros(4, 16, dtype=torch.int8)] * 2, [torch.ones(4)]
+            ),
+            "one scales tensor per weight",
         ),  # fmt: skip
         (lambda: torch.ops.llama.attend(*[torch.randn(1, 2, 1, 12)] * 3, None), "head size must be a multiple of 8"),
         (
@@ -150,14 +198,13 @@ def test_a_models_layers_take_the_kernels_and_its_tokens_stay_the_same(
 ) -> None:
     """Prompts of different lengths: the decode steps attend through a mask."""
     fast = build(checkpoint, tokenizer_path)
-    layers = [m for m in fast.model.modules() if isinstance(m, ColumnParallel | RowParallel | Attention)]
-    assert len(layers) == 17
-    assert all(isinstance(m, KernelColumnParallel | KernelRowParallel | KernelAttention) for m in layers)
+    kernel_layers = KernelColumnParallel | KernelRowParallel | KernelAttention | KernelFeedForward
+    layers = [m for m in fast.model.modules() if isinstance(m, ColumnParallel | RowParallel | Attention | FeedForward)]
+    assert len(layers) == 19
+    assert all(isinstance(m, kernel_layers) for m in layers)
     monkeypatch.setattr(kernels, "available", lambda: False)
     plain = build(checkpoint, tokenizer_path)
-    assert not any(
-        isinstance(m, KernelColumnParallel | KernelRowParallel | KernelAttention) for m in plain.model.modules()
-    )
+    assert not any(isinstance(m, kernel_layers) for m in plain.model.modules())
     prompts = [[1, 5, 9, 13], [1, 20, 30]]
     tokens, logprobs = fast.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
     expected, expected_logprobs = plain.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
