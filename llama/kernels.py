@@ -161,11 +161,20 @@ class KernelCall(NamedTuple):
     args: tuple = ()
 
 
+class KernelLayer:
+    """A linear layer whose decode products the kernels may run: float weights (KernelProducts)
+    or quantized ones (llama.quantization)."""
+
+    def kernel_call(self) -> KernelCall | None:
+        raise NotImplementedError
+
+
 def products(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
     """Each layer's output for x: with a decode step's few rows and weights the kernels take alike
-    (see kernel_call), in one call of the kernels; else layer by layer."""
+    (see KernelLayer), in one call of the kernels; else layer by layer."""
     if x.shape[:-1].numel() <= FEW_ROWS:
-        calls = [layer.kernel_call() if hasattr(layer, "kernel_call") else None for layer in layers]
+        # isinstance, not hasattr: dynamo guards a type once, but an attribute lookup on every call
+        calls = [layer.kernel_call() if isinstance(layer, KernelLayer) else None for layer in layers]
         first = calls[0]
         if first is not None and all(c is not None and c.op is first.op and c.args == first.args for c in calls):
             return first.op(x, *[list(t) for t in zip(*(c.tensors for c in calls))], *first.args)
@@ -209,7 +218,7 @@ class KernelFeedForward(FeedForward):
         return gate, up
 
 
-class KernelProducts:
+class KernelProducts(KernelLayer):
     """What a linear layer of floats gains on a CPU: its decode products run in the kernels."""
 
     def kernel_call(self) -> KernelCall:

@@ -166,7 +166,7 @@ def from_nibbles(nibbles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return weight.mul_(scales.unsqueeze(-1)).view(rows, -1)
 
 
-class Quantized:
+class Quantized(kernels.KernelLayer):
     """What a quantized layer adds to its parallel layer: products with the quantized weight."""
 
     scheme: Scheme
