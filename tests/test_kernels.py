@@ -99,7 +99,8 @@ def test_layers_with_one_input_give_each_its_own_product(rows: int) -> None:
     for layer, weight in zip(quantized, weights):
         layer.qweight, layer.scales = quantize(weight, scheme)
     prepare_kernels(nn.Sequential(*quantized))
-    floats = ColumnParallel(64, 24, 1)
+    floats = ColumnParallel(64, 24, 1)  # built for loading: its weight is still empty
+    floats.weight = nn.Parameter(torch.randn(24, 64), requires_grad=False)
     use_kernels(floats)
     assert isinstance(floats, KernelColumnParallel) and all(layer.kernel for layer in quantized)
     x = torch.randn(rows, 1, 64)
