@@ -380,13 +380,22 @@ void check_input(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
   }
 }
 
+// Each tensor's data, looked up once per call rather than once per row.
+template <typename T>
+std::vector<const T*> pointers(const std::vector<at::Tensor>& ts) {
+  std::vector<const T*> out;
+  for (const at::Tensor& t : ts) out.push_back(reinterpret_cast<const T*>(t.data_ptr()));
+  return out;
+}
+
 template <typename T>
 std::vector<at::Tensor> dense(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& scales) {
   const int64_t K = x.size(1);
-  return products(x, Weights(ws), [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
-    const T* wp = reinterpret_cast<const T*>(ws[i].data_ptr());
-    const float* sp = scales.empty() ? nullptr : scales[i].data_ptr<float>() + n;
-    dense_rows<M, R, T>(xm, K, wp + n * K, sp, out, ws[i].size(0));
+  const Weights weights(ws);
+  const std::vector<const T*> wp = pointers<T>(ws);
+  const std::vector<const float*> sp = pointers<float>(scales);
+  return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
+    dense_rows<M, R, T>(xm, K, wp[i] + n * K, sp.empty() ? nullptr : sp[i] + n, out, weights.rows[i]);
   });
 }
 
@@ -430,9 +439,10 @@ std::vector<at::Tensor> int4_matvec(const at::Tensor& x, const std::vector<at::T
 #if defined(__AVX512F__)
   if (x.size(0) == 1 && bf16_dot() && K % (2 * STEP) == 0) return int4_dot(x, weights, q, scales, g);
 #endif
+  const std::vector<const uint8_t*> qp = pointers<uint8_t>(q);
+  const std::vector<const float*> sp = pointers<float>(scales);
   return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
-    const int64_t N = q[i].size(0);
-    int4_rows<M, R>(xm, K, g, q[i].data_ptr<uint8_t>() + n * (K / 2), scales[i].data_ptr<float>() + n * (K / g), out, N);
+    int4_rows<M, R>(xm, K, g, qp[i] + n * (K / 2), sp[i] + n * (K / g), out, weights.rows[i]);
   });
 }
 
