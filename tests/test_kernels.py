@@ -20,8 +20,9 @@ from tests.helpers import ROOT, build, environment
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 # Widths that end in a partial step of the unrolled loop (40, 72), rows that leave one over for a
-# pair (13), and input rows up to beyond what one pass takes (4).
-SHAPES = [(13, 40), (64, 72), (7, 256)]
+# pair (13), and input rows up to beyond what one pass takes (4). For int8 on a CPU with VNNI,
+# 256 columns are one chunk of the input in fixed point, and 576 two and a part.
+SHAPES = [(13, 40), (64, 72), (7, 256), (9, 576)]
 ROWS = [1, 2, 3, 5, 8]
 
 
@@ -57,6 +58,37 @@ def test_int8_products_equal_f_linear_with_the_dequantized_weight(shape, rows) -
     x = torch.randn(rows, shape[1])
     expected = [F.linear(x, dequantize(q, scales, Scheme(8))), F.linear(x, dequantize(q2, scales2, Scheme(8)))]
     all_close_to(kernels.int8_matvec(x, [q, q2], [scales, scales2]), expected)
+
+
+def test_int8_products_keep_each_inputs_largest_values_exactly_enough() -> None:
+    """Where the kernel puts the input in fixed point, each chunk's largest magnitude sets the
+    scale and may round up by one unit: at a thousand magnitudes, all values +-it, it must still
+    fit its digits."""
+    q, scales = quantize(torch.randn(5, 256), Scheme(8))
+    signs = torch.randn(1000, 256).sign()
+    x = signs * torch.logspace(-20, 20, 1000).unsqueeze(1)
+    all_close_to(kernels.int8_matvec(x, [q], [scales]), [F.linear(x, dequantize(q, scales, Scheme(8)))])
+
+
+@pytest.mark.parametrize("special", ["nan", "inf", "tiny"])
+def test_int8_products_of_nan_infinite_and_tiny_inputs_match_f_linear(special) -> None:
+    """Inputs that fixed point cannot hold (the float kernel takes them): NaN and infinities give
+    what F.linear gives, and magnitudes of 1e-35 (a scale of 2^23 over them overflows) are kept."""
+    q, scales = quantize(torch.randn(5, 256), Scheme(8))
+    x = torch.randn(2, 256)
+    if special == "tiny":
+        x[0] *= 1e-35
+    else:
+        x[0, 3] = float(special)
+    (got,) = kernels.int8_matvec(x, [q], [scales])
+    expected = F.linear(x, dequantize(q, scales, Scheme(8)))
+    if special == "tiny":
+        assert expected[0].abs().min() > 0
+        close_to(got[0], expected[0])
+    else:
+        assert not expected[0].isfinite().any()
+        torch.testing.assert_close(got[0], expected[0], equal_nan=True)
+    close_to(got[1], expected[1])
 
 
 @pytest.mark.parametrize(
