@@ -379,14 +379,15 @@ DOT_TARGET std::vector<at::Tensor> int4_dot(const at::Tensor& x, const Weights& 
 #endif
 
 #if defined(__AVX512F__)
-// int8 rows against a few input rows on a CPU with AVX512-VNNI (Intel since Cascade Lake, AMD
-// Zen 4): one instruction multiplies 64 pairs of 8-bit integers and adds them, four to each of
-// 16 32-bit sums, where the float kernel spends three instructions on 8 weights. So the input
-// rows become integers too, exactly enough: in chunks of 256 columns, each value as a 24-bit
-// fixed-point number of the chunk's largest magnitude, in three signed 8-bit digits (within
-// 2^-24 of that magnitude, about what fp32 keeps of the products' sum). The instruction takes
-// unsigned bytes on one side: the weights go in as w + 128, and each sum starts at -128 times
-// the sum of its digits, so the integer sums are exact.
+// int8 rows against one or two input rows on a CPU with AVX512-VNNI (Intel since Cascade Lake,
+// AMD Zen 4): one instruction multiplies 64 pairs of 8-bit integers and adds them, four to each
+// of 16 32-bit sums, where the float kernel spends three instructions on 8 weights. So the input
+// rows become integers too: in chunks of 256 columns, each value as a 32-bit fixed-point number
+// of the chunk's largest magnitude, in four signed 8-bit digits. That keeps each value to fp32's
+// own precision, or to about 2^-31 of the chunk's largest where that is coarser: a large value
+// (an outlier feature) leaves the small ones beside it about as exact as fp32 does, which three
+// digits did not. The instruction takes unsigned bytes on one side: the weights go in as w + 128,
+// and each sum starts at -128 times the sum of its digits, so the integer sums are exact.
 #define VNNI_TARGET __attribute__((target("avx512bw,avx512vnni")))
 
 bool vnni() {
@@ -395,12 +396,13 @@ bool vnni() {
 }
 
 constexpr int64_t CHUNK = 256, BLOCK = 64;  // columns to a chunk of x, and to one step of the kernel
+constexpr int DIGITS = 4;
 
-// x's rows in digits: for each row, per block of 64 columns three vectors of 64 (lowest
-// digit first); per row and chunk, -128 times each digit's sums (16 each, one per 32-bit sum the
+// x's rows in digits: for each row, per block of 64 columns four vectors of 64 (lowest digit
+// first); per row and chunk, -128 times each digit's sums (16 each, one per 32-bit sum the
 // instruction keeps) and the chunk's scale. Per thread, kept between calls. None where a chunk
 // holds what fixed point cannot: an infinity, a NaN, or only magnitudes below 1e-30 (whose
-// scale would overflow); the float kernel takes those.
+// scales would overflow or lose precision); the float kernel takes those.
 struct Digits {
   int64_t chunks = 0;
   std::vector<int8_t> digits;
@@ -411,16 +413,16 @@ struct Digits {
 VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K) {
   thread_local Digits d;
   d.chunks = (K + CHUNK - 1) / CHUNK;
-  d.digits.resize(M * 3 * K), d.offsets.resize(M * d.chunks * 48), d.scales.resize(M * d.chunks);
-  // The largest magnitude becomes 127 * 65536: rounded up by one, or a little more, it still fits
-  // three digits (up to 127 * 65793).
-  constexpr float TOP = 127 * 65536;
+  d.digits.resize(M * DIGITS * K), d.offsets.resize(M * d.chunks * DIGITS * 16), d.scales.resize(M * d.chunks);
+  // The largest magnitude becomes 127 * 2^24: rounded up a little, it still fits four digits
+  // (up to 127 * 0x01010101) and int32.
+  constexpr float TOP = 127.0f * (1u << 8 * (DIGITS - 1));
   const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
   const __m512i u128 = _mm512_set1_epi8(-128);  // bytes 0x80: 128 where taken as unsigned
   for (int64_t c = 0; c < M * d.chunks; c++) {
     const int64_t m = c / d.chunks, begin = c % d.chunks * CHUNK, end = std::min(K, begin + CHUNK);
     const float* xm = x + m * K;
-    int8_t* digits = &d.digits[m * 3 * K];
+    int8_t* digits = &d.digits[m * DIGITS * K];
     __m512 most = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t k = begin; k < end; k += 16) {
@@ -431,57 +433,58 @@ VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K) {
     if (nan || std::isinf(amax) || (amax > 0 && amax < 1e-30f)) return nullptr;
     const __m512 scale = _mm512_set1_ps(amax > 0 ? TOP / amax : 0.0f);
     d.scales[c] = amax > 0 ? amax / TOP : 0.0f;
-    __m512i sums[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i sums[DIGITS];
+    for (__m512i& sum : sums) sum = _mm512_setzero_si512();
     for (int64_t k = begin; k < end; k += BLOCK) {
       for (int part = 0; part < 4; part++) {
         __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k + 16 * part), scale));
-        for (int i = 0; i < 3; i++) {  // the lowest digit, in [-128, 128), and what is left of v
+        for (int i = 0; i < DIGITS; i++) {  // the lowest digit, in [-128, 128), and what is left of v
           const __m512i digit = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), byte), half);
           v = _mm512_srai_epi32(_mm512_sub_epi32(v, digit), 8);
-          __m128i* at = reinterpret_cast<__m128i*>(&digits[3 * k + i * BLOCK + 16 * part]);
+          __m128i* at = reinterpret_cast<__m128i*>(&digits[DIGITS * k + i * BLOCK + 16 * part]);
           _mm_storeu_si128(at, _mm512_cvtepi32_epi8(digit));
         }
       }
-      for (int i = 0; i < 3; i++)
-        sums[i] = _mm512_dpbusd_epi32(sums[i], u128, _mm512_loadu_si512(&digits[3 * k + i * BLOCK]));
+      for (int i = 0; i < DIGITS; i++)
+        sums[i] = _mm512_dpbusd_epi32(sums[i], u128, _mm512_loadu_si512(&digits[DIGITS * k + i * BLOCK]));
     }
-    for (int i = 0; i < 3; i++)
-      _mm512_storeu_si512(&d.offsets[c * 48 + i * 16], _mm512_sub_epi32(_mm512_setzero_si512(), sums[i]));
+    for (int i = 0; i < DIGITS; i++)
+      _mm512_storeu_si512(&d.offsets[(c * DIGITS + i) * 16], _mm512_sub_epi32(_mm512_setzero_si512(), sums[i]));
   }
   return &d;
 }
 
-// One int8 weight row (one scale) against input rows [m0, m0 + M) of x's digits; out[m * N].
+// One int8 weight row (one scale) against the M input rows of x's digits; out[m * N].
 // One row at a time, front to back: with several rows' streams at once, memory delivered less.
 template <int M>
-VNNI_TARGET void int8_row_vnni(const Digits& x, int64_t m0, int64_t K, const int8_t* q, float scale, float* out,
-                               int64_t N) {
+VNNI_TARGET void int8_row_vnni(const Digits& x, int64_t K, const int8_t* q, float scale, float* out, int64_t N) {
   const __m512i flip = _mm512_set1_epi8(-128);
   __m512 sum[M];
   for (auto& s : sum) s = _mm512_setzero_ps();
   for (int64_t c = 0; c < x.chunks; c++) {
-    __m512i a[M][3];
+    __m512i a[M][DIGITS];
     for (int m = 0; m < M; m++)
-      for (int i = 0; i < 3; i++) a[m][i] = _mm512_loadu_si512(&x.offsets[((m0 + m) * x.chunks + c) * 48 + i * 16]);
+      for (int i = 0; i < DIGITS; i++)
+        a[m][i] = _mm512_loadu_si512(&x.offsets[((m * x.chunks + c) * DIGITS + i) * 16]);
     for (int64_t k = c * CHUNK; k < std::min(K, (c + 1) * CHUNK); k += BLOCK) {
       prefetch(q + k + 4096);
       const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + k), flip);  // w + 128, unsigned
       for (int m = 0; m < M; m++) {
-        const int8_t* d = &x.digits[(m0 + m) * 3 * K + 3 * k];
-        for (int i = 0; i < 3; i++) a[m][i] = _mm512_dpbusd_epi32(a[m][i], w, _mm512_loadu_si512(d + i * BLOCK));
+        const int8_t* d = &x.digits[m * DIGITS * K + DIGITS * k];
+        for (int i = 0; i < DIGITS; i++) a[m][i] = _mm512_dpbusd_epi32(a[m][i], w, _mm512_loadu_si512(d + i * BLOCK));
       }
     }
     for (int m = 0; m < M; m++) {
-      const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][2]), _mm512_set1_ps(65536.0f),
-                                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_set1_ps(256.0f),
-                                                           _mm512_cvtepi32_ps(a[m][0])));
-      sum[m] = _mm512_fmadd_ps(value, _mm512_set1_ps(x.scales[(m0 + m) * x.chunks + c]), sum[m]);
+      __m512 value = _mm512_cvtepi32_ps(a[m][DIGITS - 1]);  // the digits' sums, highest first
+      for (int i = DIGITS - 2; i >= 0; i--)
+        value = _mm512_fmadd_ps(value, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(a[m][i]));
+      sum[m] = _mm512_fmadd_ps(value, _mm512_set1_ps(x.scales[m * x.chunks + c]), sum[m]);
     }
   }
   for (int m = 0; m < M; m++) out[m * N] = _mm512_reduce_add_ps(sum[m]) * scale;
 }
 
-// out[i] (M, N_i): x (M, K) against the rows of int8 weight i, input rows four at a time.
+// out[i] (M, N_i): x (M, K), one or two rows, against the rows of int8 weight i.
 VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Tensor& x, const Weights& weights,
                                             const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -492,17 +495,10 @@ VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Te
     weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
       const int64_t N = weights.rows[i];
       float* op = out[i].data_ptr<float>();
-      for (int64_t n = first; n < last; n++)  // the second four input rows find the weight row in cache
-        for (int64_t m = 0; m < M; m += 4) {
-          const int8_t* row = qp[i] + n * K;
-          float* o = op + m * N + n;
-          switch (std::min<int64_t>(M - m, 4)) {
-            case 1: int8_row_vnni<1>(digits, m, K, row, sp[i][n], o, N); break;
-            case 2: int8_row_vnni<2>(digits, m, K, row, sp[i][n], o, N); break;
-            case 3: int8_row_vnni<3>(digits, m, K, row, sp[i][n], o, N); break;
-            default: int8_row_vnni<4>(digits, m, K, row, sp[i][n], o, N); break;
-          }
-        }
+      for (int64_t n = first; n < last; n++) {
+        if (M == 1) int8_row_vnni<1>(digits, K, qp[i] + n * K, sp[i][n], op + n, N);
+        else int8_row_vnni<2>(digits, K, qp[i] + n * K, sp[i][n], op + n, N);
+      }
     });
   });
   return out;
@@ -557,7 +553,9 @@ std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::T
   for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
   check_scales(q, scales, 1, "(N,)");
 #if defined(__AVX512F__)
-  if (vnni() && x.size(1) % BLOCK == 0)
+  // One or two input rows: with more, four digits each cost more than the float kernel, which
+  // converts each weight once for all of them.
+  if (x.size(0) <= 2 && vnni() && x.size(1) % BLOCK == 0)
     if (const Digits* digits = to_digits(x.data_ptr<float>(), x.size(0), x.size(1)))
       return int8_vnni(*digits, x, Weights(q), q, scales);
 #endif

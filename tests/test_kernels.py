@@ -70,6 +70,17 @@ def test_int8_products_keep_each_inputs_largest_values_exactly_enough() -> None:
     all_close_to(kernels.int8_matvec(x, [q], [scales]), [F.linear(x, dequantize(q, scales, Scheme(8)))])
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_int8_products_keep_small_inputs_beside_a_large_one(rows) -> None:
+    """An outlier feature 10^4 times the rest, whose weights are zero: where the kernel puts the
+    input in fixed point, the values beside it must still count as fp32 counts them."""
+    q, scales = quantize(torch.randn(64, 256), Scheme(8))
+    q[:, 7] = 0
+    x = torch.randn(rows, 256)
+    x[:, 7] = 1e4
+    all_close_to(kernels.int8_matvec(x, [q], [scales]), [F.linear(x, dequantize(q, scales, Scheme(8)))])
+
+
 @pytest.mark.parametrize("special", ["nan", "inf", "tiny"])
 def test_int8_products_of_nan_infinite_and_tiny_inputs_match_f_linear(special) -> None:
     """Inputs that fixed point cannot hold (the float kernel takes them): NaN and infinities give
