@@ -379,15 +379,16 @@ DOT_TARGET std::vector<at::Tensor> int4_dot(const at::Tensor& x, const Weights& 
 #endif
 
 #if defined(__AVX512F__)
-// int8 rows against one or two input rows on a CPU with AVX512-VNNI (Intel since Cascade Lake,
+// int8 rows against up to four input rows on a CPU with AVX512-VNNI (Intel since Cascade Lake,
 // AMD Zen 4): one instruction multiplies 64 pairs of 8-bit integers and adds them, four to each
 // of 16 32-bit sums, where the float kernel spends three instructions on 8 weights. So the input
-// rows become integers too: in chunks of 256 columns, each value as a 32-bit fixed-point number
-// of the chunk's largest magnitude, in four signed 8-bit digits. That keeps each value to fp32's
-// own precision, or to about 2^-31 of the chunk's largest where that is coarser: a large value
-// (an outlier feature) leaves the small ones beside it about as exact as fp32 does, which three
-// digits did not. The instruction takes unsigned bytes on one side: the weights go in as w + 128,
-// and each sum starts at -128 times the sum of its digits, so the integer sums are exact.
+// rows become integers too: in chunks of 256 columns, each value as a fixed-point number of the
+// chunk's largest magnitude, in signed 8-bit digits. Three digits (2^-24 of the largest) are as
+// exact as fp32's sum of the products where the values are alike in size; a chunk whose largest is
+// more than 16 times its mean magnitude (an outlier feature) gets a fourth (2^-32), so that the
+// small values beside it keep about fp32's precision too. The instruction takes unsigned bytes on
+// one side: the weights go in as w + 128, and each sum starts at -128 times the sum of its digits,
+// so the integer sums are exact.
 #define VNNI_TARGET __attribute__((target("avx512bw,avx512vnni")))
 
 bool vnni() {
@@ -396,43 +397,48 @@ bool vnni() {
 }
 
 constexpr int64_t CHUNK = 256, BLOCK = 64;  // columns to a chunk of x, and to one step of the kernel
-constexpr int DIGITS = 4;
+constexpr int DIGITS = 4;  // at most; a chunk of values alike in size takes three
+constexpr float OUTLIER = 16;  // a chunk's largest over its mean magnitude that takes the fourth
 
 // x's rows in digits: for each row, per block of 64 columns four vectors of 64 (lowest digit
-// first); per row and chunk, -128 times each digit's sums (16 each, one per 32-bit sum the
-// instruction keeps) and the chunk's scale. Per thread, kept between calls. None where a chunk
-// holds what fixed point cannot: an infinity, a NaN, or only magnitudes below 1e-30 (whose
-// scales would overflow or lose precision); the float kernel takes those.
+// first; the fourth zero for a chunk of three); per row and chunk, -128 times each digit's sums
+// (16 each, one per 32-bit sum the instruction keeps), the chunk's scale and whether it has four.
+// Per thread, kept between calls. None where a chunk holds what fixed point cannot: an infinity,
+// a NaN, or only magnitudes below 1e-30 (whose scales would overflow or lose precision); the
+// float kernel takes those.
 struct Digits {
   int64_t chunks = 0;
   std::vector<int8_t> digits;
   std::vector<int32_t> offsets;
   std::vector<float> scales;
+  std::vector<uint8_t> four;
 };
 
 VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K) {
   thread_local Digits d;
   d.chunks = (K + CHUNK - 1) / CHUNK;
-  d.digits.resize(M * DIGITS * K), d.offsets.resize(M * d.chunks * DIGITS * 16), d.scales.resize(M * d.chunks);
-  // The largest magnitude becomes 127 * 2^24: rounded up a little, it still fits four digits
-  // (up to 127 * 0x01010101) and int32.
-  constexpr float TOP = 127.0f * (1u << 8 * (DIGITS - 1));
+  d.digits.resize(M * DIGITS * K), d.offsets.resize(M * d.chunks * DIGITS * 16);
+  d.scales.resize(M * d.chunks), d.four.resize(M * d.chunks);
+  // The largest magnitude becomes 127 * 2^16, or 127 * 2^24 with four digits: rounded up a
+  // little, it still fits the digits (up to 127 * 0x010101 or 127 * 0x01010101) and int32.
   const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
   const __m512i u128 = _mm512_set1_epi8(-128);  // bytes 0x80: 128 where taken as unsigned
   for (int64_t c = 0; c < M * d.chunks; c++) {
     const int64_t m = c / d.chunks, begin = c % d.chunks * CHUNK, end = std::min(K, begin + CHUNK);
     const float* xm = x + m * K;
     int8_t* digits = &d.digits[m * DIGITS * K];
-    __m512 most = _mm512_setzero_ps();
+    __m512 most = _mm512_setzero_ps(), total = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t k = begin; k < end; k += 16) {
-      const __m512 v = _mm512_loadu_ps(xm + k);
-      most = _mm512_max_ps(most, _mm512_abs_ps(v)), nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(xm + k));
+      most = _mm512_max_ps(most, v), total = _mm512_add_ps(total, v), nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     }
     const float amax = _mm512_reduce_max_ps(most);
     if (nan || std::isinf(amax) || (amax > 0 && amax < 1e-30f)) return nullptr;
-    const __m512 scale = _mm512_set1_ps(amax > 0 ? TOP / amax : 0.0f);
-    d.scales[c] = amax > 0 ? amax / TOP : 0.0f;
+    d.four[c] = amax * (end - begin) > OUTLIER * _mm512_reduce_add_ps(total);
+    const float top = 127.0f * (d.four[c] ? 1 << 24 : 1 << 16);
+    const __m512 scale = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
+    d.scales[c] = amax > 0 ? amax / top : 0.0f;
     __m512i sums[DIGITS];
     for (__m512i& sum : sums) sum = _mm512_setzero_si512();
     for (int64_t k = begin; k < end; k += BLOCK) {
@@ -471,7 +477,8 @@ VNNI_TARGET void int8_row_vnni(const Digits& x, int64_t K, const int8_t* q, floa
       const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + k), flip);  // w + 128, unsigned
       for (int m = 0; m < M; m++) {
         const int8_t* d = &x.digits[m * DIGITS * K + DIGITS * k];
-        for (int i = 0; i < DIGITS; i++) a[m][i] = _mm512_dpbusd_epi32(a[m][i], w, _mm512_loadu_si512(d + i * BLOCK));
+        const int digits = x.four[m * x.chunks + c] ? 4 : 3;  // the same for every weight row: predicted
+        for (int i = 0; i < digits; i++) a[m][i] = _mm512_dpbusd_epi32(a[m][i], w, _mm512_loadu_si512(d + i * BLOCK));
       }
     }
     for (int m = 0; m < M; m++) {
@@ -484,7 +491,7 @@ VNNI_TARGET void int8_row_vnni(const Digits& x, int64_t K, const int8_t* q, floa
   for (int m = 0; m < M; m++) out[m * N] = _mm512_reduce_add_ps(sum[m]) * scale;
 }
 
-// out[i] (M, N_i): x (M, K), one or two rows, against the rows of int8 weight i.
+// out[i] (M, N_i): x (M, K), up to four rows, against the rows of int8 weight i.
 VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Tensor& x, const Weights& weights,
                                             const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -495,9 +502,14 @@ VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Te
     weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
       const int64_t N = weights.rows[i];
       float* op = out[i].data_ptr<float>();
-      for (int64_t n = first; n < last; n++) {
-        if (M == 1) int8_row_vnni<1>(digits, K, qp[i] + n * K, sp[i][n], op + n, N);
-        else int8_row_vnni<2>(digits, K, qp[i] + n * K, sp[i][n], op + n, N);
+      auto rows = [&]<int I>() {
+        for (int64_t n = first; n < last; n++) int8_row_vnni<I>(digits, K, qp[i] + n * K, sp[i][n], op + n, N);
+      };
+      switch (M) {
+        case 1: rows.template operator()<1>(); break;
+        case 2: rows.template operator()<2>(); break;
+        case 3: rows.template operator()<3>(); break;
+        default: rows.template operator()<4>(); break;
       }
     });
   });
@@ -553,9 +565,9 @@ std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::T
   for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
   check_scales(q, scales, 1, "(N,)");
 #if defined(__AVX512F__)
-  // One or two input rows: with more, four digits each cost more than the float kernel, which
-  // converts each weight once for all of them.
-  if (x.size(0) <= 2 && vnni() && x.size(1) % BLOCK == 0)
+  // Up to four input rows: with more, the float kernel, which converts each weight once for all of
+  // them, is about as fast.
+  if (x.size(0) <= 4 && vnni() && x.size(1) % BLOCK == 0)
     if (const Digits* digits = to_digits(x.data_ptr<float>(), x.size(0), x.size(1)))
       return int8_vnni(*digits, x, Weights(q), q, scales);
 #endif
