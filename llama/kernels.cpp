@@ -565,8 +565,9 @@ std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::T
   for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
   check_scales(q, scales, 1, "(N,)");
 #if defined(__AVX512F__)
-  // Up to four input rows: with more, the float kernel, which converts each weight once for all of
-  // them, is about as fast.
+  // Up to four input rows, one pass over the weights. Five to eight, in two passes with four
+  // digits for every chunk, were no faster than the float kernel, which converts each weight once
+  // for all of them.
   if (x.size(0) <= 4 && vnni() && x.size(1) % BLOCK == 0)
     if (const Digits* digits = to_digits(x.data_ptr<float>(), x.size(0), x.size(1)))
       return int8_vnni(*digits, x, Weights(q), q, scales);
