@@ -5,8 +5,9 @@
 //
 // A decode step multiplies every weight by one row per sequence, so it is bound by how fast the
 // weight streams in. Converting 8-bit integers to floats costs as much as reading them, so each
-// weight row is read front to back (one stream, which the hardware prefetcher follows) with U
-// independent sums, which keeps the vector units busy instead of waiting on one sum's latency.
+// weight row is read front to back (one stream, which the hardware prefetcher follows; on Intel,
+// four such streams at once, see streams()) with U independent sums, which keeps the vector units
+// busy instead of waiting on one sum's latency.
 // Several input rows share each converted vector; with more than one, two weight rows go
 // together, so that each input vector loaded serves both.
 //
@@ -84,16 +85,19 @@ inline void widen(const uint8_t* p, const Levels& levels, floats& low, floats& h
 }
 #endif
 
-// Independent sums per weight row and input row: one for R > 1, where the R rows give enough.
+constexpr int STREAMS = 4;  // weight rows that one input row's products read at once, where they do (see streams())
+// Independent sums per weight row and input row: four for one row, and for each of the streams of
+// one input row, which so sum each row in the same order as it alone; one for the two weight rows
+// of several input rows, which give enough.
 template <int R>
-constexpr int U = R == 1 ? 4 : 1;
+constexpr int U = R == 1 || R == STREAMS ? 4 : 1;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
-// Weight rows [0, R) (one value per column; `scales`: one per row, or none) against input rows
-// [0, M). K is a multiple of L.
+// Weight rows 0, apart, .., (R - 1) * apart (one value per column; `scales`: one per row, or none)
+// against input rows [0, M). K is a multiple of L.
 template <int M, int R, typename T>
-void dense_rows(const float* x, int64_t K, const T* w, const float* scales, float* out, int64_t N) {
+void dense_rows(const float* x, int64_t K, const T* w, int64_t apart, const float* scales, float* out, int64_t N) {
   constexpr int V = U<R>;
   floats sum[M][R][V];
   for (auto& a : sum)
@@ -102,8 +106,8 @@ void dense_rows(const float* x, int64_t K, const T* w, const float* scales, floa
   auto step = [&]<int n>(int64_t k) {  // columns [k, k + n * L)
     floats weights[R][n];
     for (int r = 0; r < R; r++) {
-      if constexpr (R > 1) prefetch(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
-      for (int v = 0; v < n; v++) weights[r][v] = widen(w + r * K + k + v * L);
+      if (R > 1 && apart == 1) prefetch(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
+      for (int v = 0; v < n; v++) weights[r][v] = widen(w + r * apart * K + k + v * L);
     }
     for (int m = 0; m < M; m++)
       for (int v = 0; v < n; v++) {
@@ -118,7 +122,7 @@ void dense_rows(const float* x, int64_t K, const T* w, const float* scales, floa
     for (int r = 0; r < R; r++) {
       floats s = sum[m][r][0];
       for (int v = 1; v < V; v++) s = add(s, sum[m][r][v]);
-      out[m * N + r] = total(s) * (scales ? scales[r] : 1.0f);
+      out[m * N + r * apart] = total(s) * (scales ? scales[r * apart] : 1.0f);
     }
 }
 
@@ -126,7 +130,8 @@ void dense_rows(const float* x, int64_t K, const T* w, const float* scales, floa
 // its low nibble and column j + g / 2 in its high one; `scales` holds one number per group.
 // g / 2 is a multiple of L.
 template <int M, int R>
-void int4_rows(const float* x, int64_t K, int64_t g, const uint8_t* q, const float* scales, float* out, int64_t N) {
+void int4_rows(const float* x, int64_t K, int64_t g, const uint8_t* q, int64_t apart, const float* scales, float* out,
+               int64_t N) {
   constexpr int V = R == 1 ? 2 : 1;  // each byte vector gives two weight vectors, so two sums
   const int64_t half = g / 2, groups = K / g;
   floats sum[M][R][2 * V];
@@ -135,14 +140,14 @@ void int4_rows(const float* x, int64_t K, int64_t g, const uint8_t* q, const flo
       for (auto& c : b) c = zero();
   for (int64_t j = 0; j < groups; j++) {
     Levels levels[R];
-    for (int r = 0; r < R; r++) levels[r] = Levels(scales[r * groups + j]);
+    for (int r = 0; r < R; r++) levels[r] = Levels(scales[r * apart * groups + j]);
     auto step = [&]<int n>(int64_t b) {  // bytes [b, b + n * L) of group j
       floats low[R][n], high[R][n];
       // One row's int4 stream converts slower than memory delivers it; asking for its bytes 2 KiB
       // ahead keeps reads going meanwhile. (fp32, bf16 and int8 rows ran slower for it.)
       if constexpr (R == 1) prefetch(q + j * half + b + 2048);
       for (int r = 0; r < R; r++)
-        for (int v = 0; v < n; v++) widen(q + r * (K / 2) + j * half + b + v * L, levels[r], low[r][v], high[r][v]);
+        for (int v = 0; v < n; v++) widen(q + r * apart * (K / 2) + j * half + b + v * L, levels[r], low[r][v], high[r][v]);
       for (int m = 0; m < M; m++)
         for (int v = 0; v < n; v++) {
           const float* xj = x + m * K + j * g + b + v * L;
@@ -161,7 +166,7 @@ void int4_rows(const float* x, int64_t K, int64_t g, const uint8_t* q, const flo
     for (int r = 0; r < R; r++) {
       floats s = sum[m][r][0];
       for (int v = 1; v < 2 * V; v++) s = add(s, sum[m][r][v]);
-      out[m * N + r] = total(s);
+      out[m * N + r * apart] = total(s);
     }
 }
 
@@ -198,8 +203,22 @@ struct Weights {
   }
 };
 
+// One input row's products read a thread's weight rows as several streams at once, each from its
+// own part of the rows, where that was measured faster: on an Intel Xeon with AVX-512, whose cores
+// each keep more reads in flight for STREAMS streams far apart than for one (a 110M step 11-23%
+// faster). The AMD Zen 4 the kernels were tuned on reads one row at a time.
+bool streams() {
+#if defined(__AVX512F__)
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // out[i] (M, N_i) = x (M, K) times rows(i, ...) of weight i, split over threads by weight rows;
-// input rows go 4 at a time, each call of rows<m, r>(i, x, row, out_column) handling r weight rows.
+// input rows go 4 at a time, each call of rows<m, r>(i, x, row, apart, out_column) handling r
+// weight rows `apart` rows from each other.
 template <typename Rows>
 std::vector<at::Tensor> products(const at::Tensor& x, const Weights& weights, Rows rows) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -213,10 +232,19 @@ std::vector<at::Tensor> products(const at::Tensor& x, const Weights& weights, Ro
         const int64_t count = std::min<int64_t>(M - m, 4);
         auto run = [&](auto inputs) {
           constexpr int I = decltype(inputs)::value;
-          constexpr int R = I == 1 ? 1 : 2;
+          const float* xm = xp + m * K;
+          float* om = op + m * N;
           int64_t n = first;
-          for (; n + R <= last; n += R) rows.template operator()<I, R>(i, xp + m * K, n, op + m * N + n);
-          for (; n < last; n++) rows.template operator()<I, 1>(i, xp + m * K, n, op + m * N + n);
+          if constexpr (I == 1) {
+            if (streams()) {
+              const int64_t apart = (last - first) / STREAMS;
+              for (; n < first + apart; n++) rows.template operator()<1, STREAMS>(i, xm, n, apart, om + n);
+              n = first + STREAMS * apart;
+            }
+          } else {
+            for (; n + 2 <= last; n += 2) rows.template operator()<I, 2>(i, xm, n, 1, om + n);
+          }
+          for (; n < last; n++) rows.template operator()<I, 1>(i, xm, n, 1, om + n);
         };
         switch (count) {
           case 1: run(std::integral_constant<int, 1>()); break;
@@ -460,35 +488,46 @@ VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K) {
   return &d;
 }
 
-// One int8 weight row (one scale) against the M input rows of x's digits; out[m * N].
-// One row at a time, front to back: with several rows' streams at once, memory delivered less.
-template <int M>
-VNNI_TARGET void int8_row_vnni(const Digits& x, int64_t K, const int8_t* q, float scale, float* out, int64_t N) {
+// int8 weight rows 0, apart, .., (R - 1) * apart (one scale each) against the M input rows of x's
+// digits; out[m * N + r * apart]. Rows go front to back, R streams at once (see streams()).
+template <int M, int R>
+VNNI_TARGET void int8_rows_vnni(const Digits& x, int64_t K, const int8_t* q, int64_t apart, const float* scales,
+                                float* out, int64_t N) {
   const __m512i flip = _mm512_set1_epi8(-128);
-  __m512 sum[M];
-  for (auto& s : sum) s = _mm512_setzero_ps();
+  __m512 sum[M][R];
+  for (auto& a : sum)
+    for (auto& s : a) s = _mm512_setzero_ps();
   for (int64_t c = 0; c < x.chunks; c++) {
-    __m512i a[M][DIGITS];
+    __m512i a[M][R][DIGITS];
     for (int m = 0; m < M; m++)
-      for (int i = 0; i < DIGITS; i++)
-        a[m][i] = _mm512_loadu_si512(&x.offsets[((m * x.chunks + c) * DIGITS + i) * 16]);
+      for (int r = 0; r < R; r++)
+        for (int i = 0; i < DIGITS; i++)
+          a[m][r][i] = _mm512_loadu_si512(&x.offsets[((m * x.chunks + c) * DIGITS + i) * 16]);
     for (int64_t k = c * CHUNK; k < std::min(K, (c + 1) * CHUNK); k += BLOCK) {
-      prefetch(q + k + 4096);
-      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + k), flip);  // w + 128, unsigned
+      __m512i w[R];
+      for (int r = 0; r < R; r++) {
+        prefetch(q + r * apart * K + k + 4096);
+        w[r] = _mm512_xor_si512(_mm512_loadu_si512(q + r * apart * K + k), flip);  // w + 128, unsigned
+      }
       for (int m = 0; m < M; m++) {
         const int8_t* d = &x.digits[m * DIGITS * K + DIGITS * k];
         const int digits = x.four[m * x.chunks + c] ? 4 : 3;  // the same for every weight row: predicted
-        for (int i = 0; i < digits; i++) a[m][i] = _mm512_dpbusd_epi32(a[m][i], w, _mm512_loadu_si512(d + i * BLOCK));
+        for (int i = 0; i < digits; i++) {
+          const __m512i di = _mm512_loadu_si512(d + i * BLOCK);
+          for (int r = 0; r < R; r++) a[m][r][i] = _mm512_dpbusd_epi32(a[m][r][i], w[r], di);
+        }
       }
     }
-    for (int m = 0; m < M; m++) {
-      __m512 value = _mm512_cvtepi32_ps(a[m][DIGITS - 1]);  // the digits' sums, highest first
-      for (int i = DIGITS - 2; i >= 0; i--)
-        value = _mm512_fmadd_ps(value, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(a[m][i]));
-      sum[m] = _mm512_fmadd_ps(value, _mm512_set1_ps(x.scales[m * x.chunks + c]), sum[m]);
-    }
+    for (int m = 0; m < M; m++)
+      for (int r = 0; r < R; r++) {
+        __m512 value = _mm512_cvtepi32_ps(a[m][r][DIGITS - 1]);  // the digits' sums, highest first
+        for (int i = DIGITS - 2; i >= 0; i--)
+          value = _mm512_fmadd_ps(value, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(a[m][r][i]));
+        sum[m][r] = _mm512_fmadd_ps(value, _mm512_set1_ps(x.scales[m * x.chunks + c]), sum[m][r]);
+      }
   }
-  for (int m = 0; m < M; m++) out[m * N] = _mm512_reduce_add_ps(sum[m]) * scale;
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < R; r++) out[m * N + r * apart] = _mm512_reduce_add_ps(sum[m][r]) * scales[r * apart];
 }
 
 // out[i] (M, N_i): x (M, K), up to four rows, against the rows of int8 weight i.
@@ -503,7 +542,13 @@ VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Te
       const int64_t N = weights.rows[i];
       float* op = out[i].data_ptr<float>();
       auto rows = [&]<int I>() {
-        for (int64_t n = first; n < last; n++) int8_row_vnni<I>(digits, K, qp[i] + n * K, sp[i][n], op + n, N);
+        int64_t n = first;
+        if (I == 1 && streams()) {
+          const int64_t apart = (last - first) / STREAMS;
+          for (; n < first + apart; n++) int8_rows_vnni<1, STREAMS>(digits, K, qp[i] + n * K, apart, sp[i] + n, op + n, N);
+          n = first + STREAMS * apart;
+        }
+        for (; n < last; n++) int8_rows_vnni<I, 1>(digits, K, qp[i] + n * K, 1, sp[i] + n, op + n, N);
       };
       switch (M) {
         case 1: rows.template operator()<1>(); break;
@@ -534,8 +579,8 @@ std::vector<at::Tensor> dense(const at::Tensor& x, const std::vector<at::Tensor>
   const Weights weights(ws);
   const std::vector<const T*> wp = pointers<T>(ws);
   const std::vector<const float*> sp = pointers<float>(scales);
-  return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
-    dense_rows<M, R, T>(xm, K, wp[i] + n * K, sp.empty() ? nullptr : sp[i] + n, out, weights.rows[i]);
+  return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, int64_t apart, float* out) {
+    dense_rows<M, R, T>(xm, K, wp[i] + n * K, apart, sp.empty() ? nullptr : sp[i] + n, out, weights.rows[i]);
   });
 }
 
@@ -589,8 +634,8 @@ std::vector<at::Tensor> int4_matvec(const at::Tensor& x, const std::vector<at::T
 #endif
   const std::vector<const uint8_t*> qp = pointers<uint8_t>(q);
   const std::vector<const float*> sp = pointers<float>(scales);
-  return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, float* out) {
-    int4_rows<M, R>(xm, K, g, qp[i] + n * (K / 2), sp[i] + n * (K / g), out, weights.rows[i]);
+  return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, int64_t apart, float* out) {
+    int4_rows<M, R>(xm, K, g, qp[i] + n * (K / 2), apart, sp[i] + n * (K / g), out, weights.rows[i]);
   });
 }
 
@@ -641,7 +686,7 @@ void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t l
   float top = -INFINITY;
   for (int64_t t = 0; t < len; t++) {
     float score = -INFINITY;
-    if (!visible || visible[t]) dense_rows<1, 1, T>(q, D, k + t * step, &scale, &score, 1);  // q . k[t] * scale
+    if (!visible || visible[t]) dense_rows<1, 1, T>(q, D, k + t * step, 1, &scale, &score, 1);  // q . k[t] * scale
     scores[t] = score;
     top = std::max(top, score);
   }
