@@ -14,12 +14,13 @@
 // Vectors are 256-bit AVX2 ones, also where the CPU has AVX-512: on AMD's Zen 4 (which runs
 // 512-bit instructions in two halves) they streamed int8, bf16 and fp32 weights faster, and
 // AVX-512's 256-bit permute still converts int4 by table lookup; one row's int4 products go
-// through AVX512-BF16's dot product, and int8 products through AVX512-VNNI's integer one, where
-// the CPU has them (see there). Built on first use by
+// through AVX512-BF16's dot product, and int8 products through AVX512-VNNI's integer one (two to
+// eight input rows through AMX's tiles), where the CPU has them (see there). Built on first use by
 // llama/kernels.py; threads come from torch's own pool.
 
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -30,7 +31,10 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <torch/library.h>
 
 namespace {
@@ -442,7 +446,7 @@ struct Digits {
   std::vector<uint8_t> four;
 };
 
-VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K) {
+VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K, bool four) {
   thread_local Digits d;
   d.chunks = (K + CHUNK - 1) / CHUNK;
   d.digits.resize(M * DIGITS * K), d.offsets.resize(M * d.chunks * DIGITS * 16);
@@ -463,7 +467,7 @@ VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K) {
     }
     const float amax = _mm512_reduce_max_ps(most);
     if (nan || std::isinf(amax) || (amax > 0 && amax < 1e-30f)) return nullptr;
-    d.four[c] = amax * (end - begin) > OUTLIER * _mm512_reduce_add_ps(total);
+    d.four[c] = four || amax * (end - begin) > OUTLIER * _mm512_reduce_add_ps(total);
     const float top = 127.0f * (d.four[c] ? 1 << 24 : 1 << 16);
     const __m512 scale = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
     d.scales[c] = amax > 0 ? amax / top : 0.0f;
@@ -560,6 +564,143 @@ VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Te
   });
   return out;
 }
+
+// int8 rows against two to eight input rows on a CPU with AMX (Intel since Sapphire Rapids),
+// whose tile instruction multiplies 16 weight rows of 64 columns by 16 columns of 64 signed digits
+// at once: the input rows' four digits each (column m * 4 + i) are the columns, in one tile of
+// them or two, and the weight rows load where they lie. Per chunk of the input (256 columns) the
+// integer sums go to fp32 (exactly: each is below 2^24) and onto one fp32 sum per weight row and
+// column, weighted by 256^i times the chunk's scale; an input row's columns add up at the end.
+// (One input row streams faster through VNNI, whose four streams a core follows better than the
+// tiles' 16 rows at a time.)
+#define AMX_TARGET __attribute__((target("avx512bw,avx512vnni,amx-tile,amx-int8")))
+
+bool amx() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    // Linux hands a process the tiles' state only when asked (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return has;
+}
+
+constexpr int TILE = 16;  // weight rows to a tile, and columns of digits
+constexpr int64_t AMX_ROWS = 2 * TILE / DIGITS;  // input rows: two tiles of columns
+
+// The digits of x's rows as the tile instruction takes them: per block of 64 columns and tile of
+// columns, 16 rows of 16 columns of 4 consecutive digits; per chunk, each column's 256^i * scale.
+struct Tiles {
+  int64_t tiles = 1;
+  std::vector<uint32_t> digits;
+  std::vector<float> weights;
+};
+
+const Tiles& to_tiles(const Digits& x, int64_t M, int64_t K) {
+  thread_local Tiles t;
+  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(TILE));
+  t.tiles = (M * DIGITS + TILE - 1) / TILE;
+  t.digits.assign(K / BLOCK * t.tiles * TILE * TILE, 0), t.weights.assign(x.chunks * 2 * TILE, 0.0f);
+  for (int64_t m = 0; m < M; m++)
+    for (int i = 0; i < DIGITS; i++) {
+      const int64_t column = m * DIGITS + i, tile = column / TILE;
+      for (int64_t b = 0; b < K / BLOCK; b++)  // a block's 64 digits, as 16 words down a column
+        _mm512_i32scatter_epi32(&t.digits[(b * t.tiles + tile) * TILE * TILE + column % TILE], down,
+                                _mm512_loadu_si512(&x.digits[m * DIGITS * K + DIGITS * b * BLOCK + i * BLOCK]), 4);
+      for (int64_t c = 0; c < x.chunks; c++) t.weights[c * 2 * TILE + column] = x.scales[m * x.chunks + c] * float(1 << (8 * i));
+    }
+  return t;
+}
+
+// This thread's tiles: 0 and 1, the sums; 2, 16 weight rows; 3 and 4, the digits; 16 rows of 64
+// bytes each. (In memory that lasts: GCC's ldtilecfg takes its operand for 8 bytes, and so may
+// drop the stores of a local's other 56.)
+struct alignas(64) TileConfig {
+  uint8_t palette, start, reserved[14];
+  uint16_t bytes[16];
+  uint8_t rows[16];
+};
+constexpr TileConfig TILES = {1, 0, {}, {64, 64, 64, 64, 64}, {TILE, TILE, TILE, TILE, TILE}};
+AMX_TARGET void configure_tiles() { _tile_loadconfig(&TILES); }
+AMX_TARGET void release_tiles() { _tile_release(); }
+
+// Weight rows [0, 16) against the tiles' M input rows; out[m * N + r] for the first `rows`.
+AMX_TARGET void int8_tile_rows(const Tiles& x, int64_t M, int64_t chunks, int64_t K, const int8_t* q,
+                               const float* scales, float* out, int64_t N, int64_t rows) {
+  alignas(64) int32_t sums[TILE][TILE];
+  alignas(64) float total[TILE][2 * TILE] = {};
+  auto add = [&](int tile, int64_t c) {  // the sums of one tile of columns, weighted, onto the totals
+    const __m512 w = _mm512_loadu_ps(&x.weights[(c * 2 + tile) * TILE]);
+    for (int r = 0; r < TILE; r++) {
+      float* t = &total[r][tile * TILE];
+      _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[r])), w, _mm512_load_ps(t)));
+    }
+  };
+  for (int64_t c = 0; c < chunks; c++) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k = c * CHUNK; k < std::min(K, (c + 1) * CHUNK); k += BLOCK) {
+      // The tiles read 16 rows side by side, which the hardware prefetcher follows poorly: ask
+      // for the next 16 rows front to back meanwhile, 1 KiB a step.
+      for (int r = 0; r < TILE; r++) prefetch(q + TILE * K + k / BLOCK * 1024 + 64 * r);
+      const uint32_t* d = &x.digits[k / BLOCK * x.tiles * TILE * TILE];
+      _tile_loadd(2, q + k, K);
+      _tile_loadd(3, d, TILE * 4);
+      _tile_dpbssd(0, 2, 3);
+      if (x.tiles == 2) {
+        _tile_loadd(4, d + TILE * TILE, TILE * 4);
+        _tile_dpbssd(1, 2, 4);
+      }
+    }
+    _tile_stored(0, sums, TILE * 4);
+    add(0, c);
+    if (x.tiles == 2) {
+      _tile_stored(1, sums, TILE * 4);
+      add(1, c);
+    }
+  }
+  // Each input row's four columns, 16 weight rows at a time: gathered down the totals' columns.
+  const __mmask16 valid = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(2 * TILE));
+  const __m512 scale = _mm512_maskz_loadu_ps(valid, scales);
+  for (int64_t m = 0; m < M; m++) {
+    __m512 sum[DIGITS];
+    for (int i = 0; i < DIGITS; i++) sum[i] = _mm512_i32gather_ps(down, &total[0][m * DIGITS + i], 4);
+    const __m512 value = _mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3]));
+    _mm512_mask_storeu_ps(out + m * N, valid, _mm512_mul_ps(value, scale));
+  }
+}
+
+// out[i] (M, N_i): x (M, K), two to eight rows in four digits each, against the rows of int8
+// weight i, 16 at a time; the last few of a thread's rows from a copy padded with zero rows.
+AMX_TARGET std::vector<at::Tensor> int8_amx(const Digits& digits, const at::Tensor& x, const Weights& weights,
+                                           const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Tiles& tiles = to_tiles(digits, M, K);
+  std::vector<at::Tensor> out = weights.outputs(x);
+  const std::vector<const int8_t*> qp = pointers<int8_t>(q);
+  const std::vector<const float*> sp = pointers<float>(scales);
+  at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
+      const int64_t N = weights.rows[i];
+      float* op = out[i].data_ptr<float>();
+      int64_t n = first;
+      for (; n + TILE <= last; n += TILE)
+        int8_tile_rows(tiles, M, digits.chunks, K, qp[i] + n * K, sp[i] + n, op + n, N, TILE);
+      if (n < last) {
+        thread_local std::vector<int8_t> padded;
+        padded.assign(TILE * K, 0);
+        std::memcpy(padded.data(), qp[i] + n * K, (last - n) * K);
+        int8_tile_rows(tiles, M, digits.chunks, K, padded.data(), sp[i] + n, op + n, N, last - n);
+      }
+    });
+    release_tiles();
+  });
+  return out;
+}
 #endif
 
 // The callers (llama/kernels.py) hand over only what these checks pass; they guard the memory.
@@ -610,11 +751,14 @@ std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::T
   for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
   check_scales(q, scales, 1, "(N,)");
 #if defined(__AVX512F__)
-  // Up to four input rows, one pass over the weights. Five to eight, in two passes with four
-  // digits for every chunk, were no faster than the float kernel, which converts each weight once
-  // for all of them.
-  if (x.size(0) <= 4 && vnni() && x.size(1) % BLOCK == 0)
-    if (const Digits* digits = to_digits(x.data_ptr<float>(), x.size(0), x.size(1)))
+  // Two to eight input rows through AMX, where the CPU has it; up to four through VNNI (five to
+  // eight, in two passes with four digits for every chunk, were no faster than the float kernel,
+  // which converts each weight once for all of them).
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M >= 2 && M <= AMX_ROWS && amx() && K % BLOCK == 0)
+    if (const Digits* digits = to_digits(x.data_ptr<float>(), M, K, true)) return int8_amx(*digits, x, Weights(q), q, scales);
+  if (M <= 4 && vnni() && K % BLOCK == 0)
+    if (const Digits* digits = to_digits(x.data_ptr<float>(), M, K, false))
       return int8_vnni(*digits, x, Weights(q), q, scales);
 #endif
   return dense<int8_t>(x, q, scales);

@@ -54,23 +54,27 @@ def test_products_of_float_weights_equal_f_linear_in_fp32(dtype, shape, rows) ->
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
 def test_int8_products_equal_f_linear_with_the_dequantized_weight(shape, rows) -> None:
-    (q, scales), (q2, scales2) = quantize(torch.randn(shape), Scheme(8)), quantize(torch.randn(5, shape[1]), Scheme(8))
+    q, scales = quantize(torch.randn(shape), Scheme(8))
+    q2, scales2 = quantize(torch.randn(SECOND_ROWS, shape[1]), Scheme(8))
     x = torch.randn(rows, shape[1])
     expected = [F.linear(x, dequantize(q, scales, Scheme(8))), F.linear(x, dequantize(q2, scales2, Scheme(8)))]
     all_close_to(kernels.int8_matvec(x, [q, q2], [scales, scales2]), expected)
 
 
-def test_int8_products_keep_each_inputs_largest_values_exactly_enough() -> None:
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_int8_products_keep_each_inputs_largest_values_exactly_enough(rows) -> None:
     """Where the kernel puts the input in fixed point, each chunk's largest magnitude sets the
     scale and may round up by one unit: at a thousand magnitudes, all values +-it, it must still
-    fit its digits."""
+    fit its digits. A few rows to a call, as a decode step's, which the fixed-point paths take."""
     q, scales = quantize(torch.randn(5, 256), Scheme(8))
     signs = torch.randn(1000, 256).sign()
     x = signs * torch.logspace(-20, 20, 1000).unsqueeze(1)
-    all_close_to(kernels.int8_matvec(x, [q], [scales]), [F.linear(x, dequantize(q, scales, Scheme(8)))])
+    expected = F.linear(x, dequantize(q, scales, Scheme(8)))
+    for part, theirs in zip(x.split(rows), expected.split(rows)):
+        close_to(kernels.int8_matvec(part, [q], [scales])[0], theirs)
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 8])
 def test_int8_products_keep_small_inputs_beside_a_large_one(rows) -> None:
     """An outlier feature 10^4 times the rest, whose weights are zero: where the kernel puts the
     input in fixed point, the values beside it must still count as fp32 counts them."""
