@@ -33,8 +33,10 @@
 #include <c10/util/Half.h>
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 #include <torch/library.h>
 
 namespace {
@@ -579,8 +581,12 @@ bool amx() {
   static const bool has = [] {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+#if defined(__linux__)
     // Linux hands a process the tiles' state only when asked (ARCH_REQ_XCOMP_PERM, XTILEDATA).
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return false;
+#endif
   }();
   return has;
 }
