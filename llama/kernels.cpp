@@ -222,6 +222,17 @@ bool streams() {
 #endif
 }
 
+// Rows [first, last) of one weight against one input row: where streams() says so, f(n, apart)
+// for each row n of the first of STREAMS parts, `apart` rows long, which reads the STREAMS rows
+// n, n + apart, ... Returns the first row left for one at a time.
+template <typename F>
+int64_t in_streams(int64_t first, int64_t last, F f) {
+  if (!streams()) return first;
+  const int64_t apart = (last - first) / STREAMS;
+  for (int64_t n = first; n < first + apart; n++) f(n, apart);
+  return first + STREAMS * apart;
+}
+
 // out[i] (M, N_i) = x (M, K) times rows(i, ...) of weight i, split over threads by weight rows;
 // input rows go 4 at a time, each call of rows<m, r>(i, x, row, apart, out_column) handling r
 // weight rows `apart` rows from each other.
@@ -241,15 +252,12 @@ std::vector<at::Tensor> products(const at::Tensor& x, const Weights& weights, Ro
           const float* xm = xp + m * K;
           float* om = op + m * N;
           int64_t n = first;
-          if constexpr (I == 1) {
-            if (streams()) {
-              const int64_t apart = (last - first) / STREAMS;
-              for (; n < first + apart; n++) rows.template operator()<1, STREAMS>(i, xm, n, apart, om + n);
-              n = first + STREAMS * apart;
-            }
-          } else {
+          if constexpr (I == 1)
+            n = in_streams(first, last, [&](int64_t r, int64_t apart) {
+              rows.template operator()<1, STREAMS>(i, xm, r, apart, om + r);
+            });
+          else
             for (; n + 2 <= last; n += 2) rows.template operator()<I, 2>(i, xm, n, 1, om + n);
-          }
           for (; n < last; n++) rows.template operator()<I, 1>(i, xm, n, 1, om + n);
         };
         switch (count) {
@@ -549,11 +557,10 @@ VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Te
       float* op = out[i].data_ptr<float>();
       auto rows = [&]<int I>() {
         int64_t n = first;
-        if (I == 1 && streams()) {
-          const int64_t apart = (last - first) / STREAMS;
-          for (; n < first + apart; n++) int8_rows_vnni<1, STREAMS>(digits, K, qp[i] + n * K, apart, sp[i] + n, op + n, N);
-          n = first + STREAMS * apart;
-        }
+        if constexpr (I == 1)
+          n = in_streams(first, last, [&](int64_t r, int64_t apart) {
+            int8_rows_vnni<1, STREAMS>(digits, K, qp[i] + r * K, apart, sp[i] + r, op + r, N);
+          });
         for (; n < last; n++) int8_rows_vnni<I, 1>(digits, K, qp[i] + n * K, 1, sp[i] + n, op + n, N);
       };
       switch (M) {
@@ -594,6 +601,11 @@ bool amx() {
 constexpr int TILE = 16;  // weight rows to a tile, and columns of digits
 constexpr int64_t AMX_ROWS = 2 * TILE / DIGITS;  // input rows: two tiles of columns
 
+// 0, step, .., 15 * step: where 16 rows of a column lie, for a gather or a scatter.
+inline __m512i strided(int32_t step) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(step));
+}
+
 // The digits of x's rows as the tile instruction takes them: per block of 64 columns and tile of
 // columns, 16 rows of 16 columns of 4 consecutive digits; per chunk, each column's 256^i * scale.
 struct Tiles {
@@ -604,15 +616,13 @@ struct Tiles {
 
 const Tiles& to_tiles(const Digits& x, int64_t M, int64_t K) {
   thread_local Tiles t;
-  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(TILE));
   t.tiles = (M * DIGITS + TILE - 1) / TILE;
   t.digits.assign(K / BLOCK * t.tiles * TILE * TILE, 0), t.weights.assign(x.chunks * 2 * TILE, 0.0f);
   for (int64_t m = 0; m < M; m++)
     for (int i = 0; i < DIGITS; i++) {
       const int64_t column = m * DIGITS + i, tile = column / TILE;
       for (int64_t b = 0; b < K / BLOCK; b++)  // a block's 64 digits, as 16 words down a column
-        _mm512_i32scatter_epi32(&t.digits[(b * t.tiles + tile) * TILE * TILE + column % TILE], down,
+        _mm512_i32scatter_epi32(&t.digits[(b * t.tiles + tile) * TILE * TILE + column % TILE], strided(TILE),
                                 _mm512_loadu_si512(&x.digits[m * DIGITS * K + DIGITS * b * BLOCK + i * BLOCK]), 4);
       for (int64_t c = 0; c < x.chunks; c++) t.weights[c * 2 * TILE + column] = x.scales[m * x.chunks + c] * float(1 << (8 * i));
     }
@@ -668,8 +678,7 @@ AMX_TARGET void int8_tile_rows(const Tiles& x, int64_t M, int64_t chunks, int64_
   }
   // Each input row's four columns, 16 weight rows at a time: gathered down the totals' columns.
   const __mmask16 valid = static_cast<__mmask16>((1u << rows) - 1);
-  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(2 * TILE));
+  const __m512i down = strided(2 * TILE);
   const __m512 scale = _mm512_maskz_loadu_ps(valid, scales);
   for (int64_t m = 0; m < M; m++) {
     __m512 sum[DIGITS];
@@ -761,11 +770,10 @@ std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::T
   // eight, in two passes with four digits for every chunk, were no faster than the float kernel,
   // which converts each weight once for all of them).
   const int64_t M = x.size(0), K = x.size(1);
-  if (M >= 2 && M <= AMX_ROWS && amx() && K % BLOCK == 0)
-    if (const Digits* digits = to_digits(x.data_ptr<float>(), M, K, true)) return int8_amx(*digits, x, Weights(q), q, scales);
-  if (M <= 4 && vnni() && K % BLOCK == 0)
-    if (const Digits* digits = to_digits(x.data_ptr<float>(), M, K, false))
-      return int8_vnni(*digits, x, Weights(q), q, scales);
+  const bool tiles = M >= 2 && M <= AMX_ROWS && amx();
+  if ((tiles || (M <= 4 && vnni())) && K % BLOCK == 0)
+    if (const Digits* digits = to_digits(x.data_ptr<float>(), M, K, tiles))
+      return tiles ? int8_amx(*digits, x, Weights(q), q, scales) : int8_vnni(*digits, x, Weights(q), q, scales);
 #endif
   return dense<int8_t>(x, q, scales);
 }
