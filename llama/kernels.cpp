@@ -99,6 +99,10 @@ template <int R>
 constexpr int U = R == 1 || R == STREAMS ? 4 : 1;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// How far ahead each of the streams asks for its bytes. The core keeps only so many loads in flight
+// of its own accord, fewer the more instructions a cache line takes (bf16's conversions): asked
+// for 2 KiB ahead, bf16 rows streamed 20% faster on an Intel Xeon, fp32 ones 3%.
+constexpr int64_t AHEAD = 2048;
 
 // Weight rows 0, apart, .., (R - 1) * apart (one value per column; `scales`: one per row, or none)
 // against input rows [0, M). K is a multiple of L.
@@ -113,6 +117,10 @@ void dense_rows(const float* x, int64_t K, const T* w, int64_t apart, const floa
     floats weights[R][n];
     for (int r = 0; r < R; r++) {
       if (R > 1 && apart == 1) prefetch(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
+      if constexpr (R == STREAMS) {  // see AHEAD
+        const char* at = reinterpret_cast<const char*>(w + r * apart * K + k) + AHEAD;
+        for (int64_t b = 0; b < n * L * int64_t(sizeof(T)); b += 64) prefetch(at + b);
+      }
       for (int v = 0; v < n; v++) weights[r][v] = widen(w + r * apart * K + k + v * L);
     }
     for (int m = 0; m < M; m++)
