@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.sampling import SamplingParams, SequenceSampler, sample_rows, sample_top_p
+from llama.sampling import SamplingParams, SequenceSampler, greedy, sample_rows, sample_top_p
 from tests.helpers import PROMPTS, prompt_ids
 
 
@@ -14,6 +14,16 @@ def test_sample_top_p_keeps_only_the_nucleus() -> None:
     assert samples.shape == (2000, 1)
     counts = torch.bincount(samples.flatten(), minlength=3)
     assert counts[2] == 0 and counts[0] > counts[1] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_takes_the_first_of_tied_maxima_as_argmax_does(dtype: torch.dtype) -> None:
+    logits = torch.randn(64, 32000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    tied = torch.arange(64) * 499  # a second maximum in each row, before or after the first
+    logits[torch.arange(64), tied] = logits.max(dim=-1).values
+    assert torch.equal(greedy(logits), torch.argmax(logits, dim=-1))
+    assert (greedy(logits) <= tied).all()
+    assert greedy(torch.zeros(1, 32000, dtype=dtype)).tolist() == [0]
 
 
 def cpu_sampler(prompt: list[int] | None = None, vocab_size: int = 10, **options) -> SequenceSampler:
