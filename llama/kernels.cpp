@@ -5,8 +5,8 @@
 //
 // A decode step multiplies every weight by one row per sequence, so it is bound by how fast the
 // weight streams in. Converting 8-bit integers to floats costs as much as reading them, so each
-// weight row is read front to back (one stream, which the hardware prefetcher follows; on Intel,
-// four such streams at once, see streams()) with U independent sums, which keeps the vector units
+// weight row is read front to back (one stream, which the hardware prefetcher follows; or four such
+// streams at once, see float_streams()) with U independent sums, which keeps the vector units
 // busy instead of waiting on one sum's latency.
 // Several input rows share each converted vector; with more than one, two weight rows go
 // together, so that each input vector loaded serves both.
@@ -91,7 +91,7 @@ inline void widen(const uint8_t* p, const Levels& levels, floats& low, floats& h
 }
 #endif
 
-constexpr int STREAMS = 4;  // weight rows that one input row's products read at once, where they do (see streams())
+constexpr int STREAMS = 4;  // weight rows that one input row's products read at once, where they do (see float_streams())
 // Independent sums per weight row and input row: four for one row, and for each of the streams of
 // one input row, which so sum each row in the same order as it alone; one for the two weight rows
 // of several input rows, which give enough.
@@ -101,7 +101,8 @@ constexpr int U = R == 1 || R == STREAMS ? 4 : 1;
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // How far ahead each of the streams asks for its bytes. The core keeps only so many loads in flight
 // of its own accord, fewer the more instructions a cache line takes (bf16's conversions), which
-// held bf16 rows well below memory speed on an Intel Xeon.
+// held bf16 rows well below memory speed on an Intel Xeon. (int8's streams, which asked 4 KiB
+// ahead before, ran about 4% faster so on the Xeon and 5% on an AMD Zen 4.)
 constexpr int64_t AHEAD = 2048;
 
 // Weight rows 0, apart, .., (R - 1) * apart (one value per column; `scales`: one per row, or none)
@@ -218,10 +219,11 @@ struct Weights {
 };
 
 // One input row's products read a thread's weight rows as several streams at once, each from its
-// own part of the rows, where that was measured faster: on an Intel Xeon with AVX-512, whose cores
-// each keep more reads in flight for STREAMS streams far apart than for one (a 110M step 11-23%
-// faster). The AMD Zen 4 the kernels were tuned on reads one row at a time.
-bool streams() {
+// own part of the rows, where that was measured faster: int8 rows through VNNI on every CPU (see
+// int8_vnni), float rows on an Intel Xeon with AVX-512, whose cores each keep more reads in flight
+// for STREAMS streams far apart than for one (a 110M step 11-23% faster). On an AMD Zen 4, float
+// rows read one at a time: four streams made bf16's products slower and fp32's no faster.
+bool float_streams() {
 #if defined(__AVX512F__)
   static const bool intel = __builtin_cpu_is("intel");
   return intel;
@@ -230,12 +232,12 @@ bool streams() {
 #endif
 }
 
-// Rows [first, last) of one weight against one input row: where streams() says so, f(n, apart)
-// for each row n of the first of STREAMS parts, `apart` rows long, which reads the STREAMS rows
-// n, n + apart, ... Returns the first row left for one at a time.
+// Rows [first, last) of one weight against one input row: where `streams`, f(n, apart) for each
+// row n of the first of STREAMS parts, `apart` rows long, which reads the STREAMS rows n,
+// n + apart, ... Returns the first row left for one at a time.
 template <typename F>
-int64_t in_streams(int64_t first, int64_t last, F f) {
-  if (!streams()) return first;
+int64_t in_streams(bool streams, int64_t first, int64_t last, F f) {
+  if (!streams) return first;
   const int64_t apart = (last - first) / STREAMS;
   for (int64_t n = first; n < first + apart; n++) f(n, apart);
   return first + STREAMS * apart;
@@ -261,7 +263,7 @@ std::vector<at::Tensor> products(const at::Tensor& x, const Weights& weights, Ro
           float* om = op + m * N;
           int64_t n = first;
           if constexpr (I == 1)
-            n = in_streams(first, last, [&](int64_t r, int64_t apart) {
+            n = in_streams(float_streams(), first, last, [&](int64_t r, int64_t apart) {
               rows.template operator()<1, STREAMS>(i, xm, r, apart, om + r);
             });
           else
@@ -511,7 +513,7 @@ VNNI_TARGET const Digits* to_digits(const float* x, int64_t M, int64_t K, bool f
 }
 
 // int8 weight rows 0, apart, .., (R - 1) * apart (one scale each) against the M input rows of x's
-// digits; out[m * N + r * apart]. Rows go front to back, R streams at once (see streams()).
+// digits; out[m * N + r * apart]. Rows go front to back, R streams at once (see in_streams).
 template <int M, int R>
 VNNI_TARGET void int8_rows_vnni(const Digits& x, int64_t K, const int8_t* q, int64_t apart, const float* scales,
                                 float* out, int64_t N) {
@@ -528,7 +530,7 @@ VNNI_TARGET void int8_rows_vnni(const Digits& x, int64_t K, const int8_t* q, int
     for (int64_t k = c * CHUNK; k < std::min(K, (c + 1) * CHUNK); k += BLOCK) {
       __m512i w[R];
       for (int r = 0; r < R; r++) {
-        prefetch(q + r * apart * K + k + 4096);
+        prefetch(q + r * apart * K + k + AHEAD);
         w[r] = _mm512_xor_si512(_mm512_loadu_si512(q + r * apart * K + k), flip);  // w + 128, unsigned
       }
       for (int m = 0; m < M; m++) {
@@ -565,8 +567,11 @@ VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Te
       float* op = out[i].data_ptr<float>();
       auto rows = [&]<int I>() {
         int64_t n = first;
+        // Streams on every CPU: each vector of one input row's digits loaded then serves STREAMS
+        // weight rows. One row at a time loads one for each multiply, which on an AMD Zen 4 held
+        // the 110M model's int8 products to 6.1 ms a step, against 4.6 with streams.
         if constexpr (I == 1)
-          n = in_streams(first, last, [&](int64_t r, int64_t apart) {
+          n = in_streams(true, first, last, [&](int64_t r, int64_t apart) {
             int8_rows_vnni<1, STREAMS>(digits, K, qp[i] + r * K, apart, sp[i] + r, op + r, N);
           });
         for (; n < last; n++) int8_rows_vnni<I, 1>(digits, K, qp[i] + n * K, 1, sp[i] + n, op + n, N);
