@@ -101,8 +101,8 @@ constexpr int U = R == 1 || R == STREAMS ? 4 : 1;
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // How far ahead each of the streams asks for its bytes. The core keeps only so many loads in flight
 // of its own accord, fewer the more instructions a cache line takes (bf16's conversions), which
-// held bf16 rows well below memory speed on an Intel Xeon. (int8's streams, which asked 4 KiB
-// ahead before, ran about 4% faster so on the Xeon and 5% on an AMD Zen 4.)
+// held bf16 rows well below memory speed on an Intel Xeon. (int8's streams asked 4 KiB ahead
+// before: 2 KiB ran about 4% faster on the Xeon, alike on an AMD Zen 4.)
 constexpr int64_t AHEAD = 2048;
 
 // Weight rows 0, apart, .., (R - 1) * apart (one value per column; `scales`: one per row, or none)
