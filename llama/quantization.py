@@ -108,7 +108,7 @@ def row_amax(weight: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in each row, a block of rows at a time (int8's scales come from it)."""
     rows, columns = weight.shape
     step = max(1, CHUNK // columns)
-    return torch.cat([weight[s : s + step].float().abs().amax(-1) for s in range(0, rows, step)])
+    return torch.cat([weight[s : s + step].abs().amax(-1).float() for s in range(0, rows, step)])
 
 
 def quantize(
@@ -129,7 +129,7 @@ def quantize(
     for start in range(0, rows, step):
         block = slice(start, start + step)
         if scheme.bits == 8:
-            q[block] = torch.round(weight[block].float() / scales[block, None]).clamp(-127, 127)
+            q[block] = weight[block].to(torch.float32, copy=True).div_(scales[block, None]).round_().clamp_(-127, 127)
         else:
             q[block], scales[block] = quantize_int4(weight[block], scheme.group_size)
     return q, scales
