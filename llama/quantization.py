@@ -129,6 +129,7 @@ def quantize(
     for start in range(0, rows, step):
         block = slice(start, start + step)
         if scheme.bits == 8:
+            # A copy even of fp32 weights (whose .float() is the weight itself): changed in place below.
             q[block] = weight[block].to(torch.float32, copy=True).div_(scales[block, None]).round_().clamp_(-127, 127)
         else:
             q[block], scales[block] = quantize_int4(weight[block], scheme.group_size)
@@ -140,7 +141,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     groups = weight.float().view(rows, columns // group_size, group_size)
     # int4 has one more level below zero than above: a group whose largest value is negative uses it.
     scales = torch.maximum(groups.amax(-1) / 7, groups.amin(-1) / -8).clamp(min=1e-10)
-    nibbles = (torch.round(groups / scales.unsqueeze(-1)).clamp(-8, 7) + 8).to(torch.uint8)
+    nibbles = (groups / scales.unsqueeze(-1)).round_().clamp_(-8, 7).add_(8).to(torch.uint8)
     low, high = nibbles.chunk(2, dim=-1)
     return (low | (high << 4)).view(rows, -1), scales
 
