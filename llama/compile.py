@@ -18,6 +18,8 @@ recompile_limit) and new ones run eagerly, with the same results. Prefill stays 
 large matrix products already run near the machine's arithmetic limit.
 """
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -30,15 +32,11 @@ CPU_BF16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights
 
 
-# Dynamo checks the guards of a module only where its attributes changed since it compiled: a
-# small model's step on a CPU spends a fair part of its time outside its products otherwise.
-SKIP_UNCHANGED_MODULES = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
-
-
 # Inductor checks the size and strides of every tensor its step is handed or computes, about 150
 # checks a step at 110M, a fifth of the time the step spends outside its products and attention.
-# Dynamo's guards already check the inputs; the kernels' outputs are what their fake
-# implementations (llama.kernels) say, which the tests compare with eager.
+# Dynamo's guards check the tokens and positions, and a model keeps its tensors' shapes (see
+# compile_decode_step); the kernels' outputs are what their fake implementations (llama.kernels)
+# say, which the tests compare with eager.
 INDUCTOR_OPTIONS = {"size_asserts": False}
 
 
@@ -72,19 +70,33 @@ def row_by_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def compile_decode_step(step: Step) -> Step:
-    """The decode step through torch.compile, with row-by-row products on a CPU."""
+    """The decode step through torch.compile, with row-by-row products on a CPU, for one model.
+
+    Before each call Dynamo checks its guards: that every module and tensor of the model is as it
+    was when compiled, thousands of checks, a noticeable part of a small or quantized model's step
+    on a CPU. A loaded model keeps its modules and the shapes of its tensors, so this step checks
+    only that it is handed the model it first was: it drops the guards on modules, and has a code
+    object of its own, whose compilations no other model's calls can reach (Dynamo keeps them per
+    code object). That also gives each model its own recompile limit.
+    """
 
     def step_row_by_row(model, tokens, start_pos):
         with RowByRowProducts():
             return step(model, tokens, start_pos)
 
-    compiled = torch.compile(step_row_by_row, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
+    own = types.FunctionType(step_row_by_row.__code__.replace(), globals(), closure=step_row_by_row.__closure__)
+    options = INDUCTOR_OPTIONS | {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    compiled = torch.compile(own, dynamic=True, fullgraph=True, options=options)
+    served = []  # the model this step was first called with
 
     def compiled_or_eager(model, tokens, start_pos):
+        if not served:
+            served.append(model)
+        elif model is not served[0]:
+            raise ValueError("a compiled decode step serves the one model it was first called with: compile another")
         # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.
         try:
-            with SKIP_UNCHANGED_MODULES:
-                return compiled(model, tokens, start_pos)
+            return compiled(model, tokens, start_pos)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             return step(model, tokens, start_pos)
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, kernels
-from llama.compile import FEW_ROWS, RowByRowProducts
+from llama.compile import FEW_ROWS, RowByRowProducts, compile_decode_step
+from llama.decoding import decode_step
 from tests.helpers import build, prompt_ids
 
 
@@ -63,6 +64,32 @@ def test_past_the_recompile_limit_the_step_runs_eagerly(generator: Llama) -> Non
     with torch._dynamo.config.patch(recompile_limit=1):
         assert compiled.generate(prompts[:1], max_gen_len=6, temperature=0)[0] == eager[:1]
         assert compiled.generate(prompts, max_gen_len=6, temperature=0)[0] == eager
+
+
+def test_compiled_steps_of_two_models_each_give_their_own_tokens(
+    generator: Llama, checkpoint: Path, tokenizer_path: str
+) -> None:
+    """A compiled step skips the guards on the model's modules, so another model must never reach
+    its compilations: here an int8 model of other shapes, compiled and called in turn with it."""
+    other = build(checkpoint, tokenizer_path, quantize="int8")
+    prompts = prompt_ids(generator.tokenizer)[:2]
+    eager = [g.generate(prompts, max_gen_len=8, temperature=0, logprobs=True) for g in (generator, other)]
+    compiled = [Llama(g.model, g.tokenizer, compile=True) for g in (generator, other)]
+    assert eager[0][1][0] != pytest.approx(eager[1][1][0], abs=1e-3)  # the two models' answers differ
+    for _ in range(2):
+        for ours, (tokens, logprobs) in zip(compiled, eager):
+            got = ours.generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
+            assert got[0] == tokens
+            for a, b in zip(got[1], logprobs):
+                assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_compiled_step_refuses_a_second_model(generator: Llama, checkpoint: Path, tokenizer_path: str) -> None:
+    step = compile_decode_step(decode_step)
+    tokens = torch.tensor([5])
+    step(generator.model, tokens, 0)
+    with pytest.raises(ValueError, match="the one model it was first called with"):
+        step(build(checkpoint, tokenizer_path).model, tokens, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
