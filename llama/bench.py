@@ -323,9 +323,6 @@ def main(
             print_table(report)
             print(flush=True)
         del generator  # before the next scheme's model is loaded
-        # Each model compiles the same decode step afresh; torch counts them all against one
-        # recompile limit, which fullgraph=True turns into an error.
-        torch.compiler.reset()
     if is_main_process():
         if len(reports) > 1:
             print_comparison(reports)

@@ -91,12 +91,13 @@ def compile_decode_step(step: Step) -> Step:
 
     own = types.FunctionType(step_row_by_row.__code__.replace(), globals(), closure=step_row_by_row.__closure__)
     compiled = torch.compile(own, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS | GUARDS)
-    served = []  # the model this step was first called with
+    served = None  # the model this step was first called with
 
     def compiled_or_eager(model, tokens, start_pos):
-        if not served:
-            served.append(model)
-        elif model is not served[0]:
+        nonlocal served
+        if served is None:
+            served = model
+        elif model is not served:
             raise ValueError("a compiled decode step serves the one model it was first called with: compile another")
         # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.
         try:
