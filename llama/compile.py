@@ -39,6 +39,10 @@ FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights
 # say, which the tests compare with eager.
 INDUCTOR_OPTIONS = {"size_asserts": False}
 
+# A step's floats (each norm's eps) are constants of the model. dynamic=True makes floats symbolic
+# too, which had the step turn each into a tensor before every call.
+CONSTANT_FLOATS = torch._dynamo.config.patch(specialize_float=True)
+
 # Which of Dynamo's guards a compiled step keeps (see compile_decode_step): all where this torch
 # cannot filter them (older versions than this project tests with).
 SKIP_MODULE_GUARDS = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
@@ -101,7 +105,8 @@ def compile_decode_step(step: Step) -> Step:
             raise ValueError("a compiled decode step serves the one model it was first called with: compile another")
         # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.
         try:
-            return compiled(model, tokens, start_pos)
+            with CONSTANT_FLOATS:
+                return compiled(model, tokens, start_pos)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             return step(model, tokens, start_pos)
 
