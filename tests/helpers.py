@@ -17,6 +17,7 @@ from typing import IO
 
 import httpx
 import openai
+import pytest
 import torch
 
 from llama.bench import random_state_dict
@@ -94,6 +95,13 @@ def build(ckpt_dir: Path, tokenizer_path: str, **kwargs):
     from llama import Llama
 
     return Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", **kwargs)
+
+
+def assert_same_generation(got: tuple, expected: tuple, abs: float = 1e-4) -> None:
+    """Two generate(..., logprobs=True) results: the same tokens, and logprobs within `abs`."""
+    assert got[0] == expected[0]
+    for ours, theirs in zip(got[1], expected[1]):
+        assert ours == pytest.approx(theirs, abs=abs)
 
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 20, 30, 41]])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llama import Llama, kernels
 from llama.compile import FEW_ROWS, RowByRowProducts, compile_decode_step
 from llama.decoding import decode_step
-from tests.helpers import build, prompt_ids
+from tests.helpers import assert_same_generation, build, prompt_ids
 
 
 def test_compiled_decode_step_gives_the_same_tokens(generator: Llama) -> None:
@@ -18,10 +18,8 @@ def test_compiled_decode_step_gives_the_same_tokens(generator: Llama) -> None:
     eager, eager_logprobs = generator.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     compiled = Llama(generator.model, generator.tokenizer, compile=True)
     for batch in (prompts, prompts[:1]):  # sequences at different positions, then one
-        tokens, logprobs = compiled.generate(batch, max_gen_len=12, temperature=0, logprobs=True)
-        assert tokens == eager[: len(batch)]
-        for ours, theirs in zip(logprobs, eager_logprobs):
-            assert ours == pytest.approx(theirs, abs=1e-4)
+        got = compiled.generate(batch, max_gen_len=12, temperature=0, logprobs=True)
+        assert_same_generation(got, (eager[: len(batch)], eager_logprobs[: len(batch)]))
 
 
 def test_without_the_kernels_the_compiled_step_gives_the_same_tokens(
@@ -30,13 +28,9 @@ def test_without_the_kernels_the_compiled_step_gives_the_same_tokens(
     monkeypatch.setattr(kernels, "available", lambda: False)
     generator = build(checkpoint, tokenizer_path)
     prompts = prompt_ids(generator.tokenizer)[:2]
-    eager, eager_logprobs = generator.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
-    tokens, logprobs = Llama(generator.model, generator.tokenizer, compile=True).generate(
-        prompts, max_gen_len=10, temperature=0, logprobs=True
-    )
-    assert tokens == eager
-    for ours, theirs in zip(logprobs, eager_logprobs):
-        assert ours == pytest.approx(theirs, abs=1e-4)
+    eager = generator.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
+    compiled = Llama(generator.model, generator.tokenizer, compile=True)
+    assert_same_generation(compiled.generate(prompts, max_gen_len=10, temperature=0, logprobs=True), eager)
 
 
 def test_a_compiled_bf16_step_gives_the_same_tokens(checkpoint: Path, tokenizer_path: str) -> None:
@@ -48,11 +42,9 @@ def test_a_compiled_bf16_step_gives_the_same_tokens(checkpoint: Path, tokenizer_
     prompts = prompt_ids(bf16.tokenizer)
     compiled = Llama(bf16.model, bf16.tokenizer, compile=True)
     for batch in (prompts, prompts[:1]):
-        eager, eager_logprobs = bf16.generate(batch, max_gen_len=8, temperature=0, logprobs=True)
-        tokens, logprobs = compiled.generate(batch, max_gen_len=8, temperature=0, logprobs=True)
-        assert tokens == eager
-        for ours, theirs in zip(logprobs, eager_logprobs):
-            assert ours == pytest.approx(theirs, abs=0.1)  # bf16 products summed in another order
+        eager = bf16.generate(batch, max_gen_len=8, temperature=0, logprobs=True)
+        got = compiled.generate(batch, max_gen_len=8, temperature=0, logprobs=True)
+        assert_same_generation(got, eager, abs=0.1)  # bf16 products summed in another order
 
 
 def test_past_the_recompile_limit_the_step_runs_eagerly(generator: Llama) -> None:
@@ -77,11 +69,8 @@ def test_compiled_steps_of_two_models_each_give_their_own_tokens(
     compiled = [Llama(g.model, g.tokenizer, compile=True) for g in (generator, other)]
     assert eager[0][1][0] != pytest.approx(eager[1][1][0], abs=1e-3)  # the two models' answers differ
     for _ in range(2):
-        for ours, (tokens, logprobs) in zip(compiled, eager):
-            got = ours.generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
-            assert got[0] == tokens
-            for a, b in zip(got[1], logprobs):
-                assert a == pytest.approx(b, abs=1e-4)
+        for ours, theirs in zip(compiled, eager):
+            assert_same_generation(ours.generate(prompts, max_gen_len=8, temperature=0, logprobs=True), theirs)
 
 
 def test_a_compiled_step_refuses_a_second_model(generator: Llama, checkpoint: Path, tokenizer_path: str) -> None:
