@@ -211,11 +211,9 @@ struct Weights {
       if (b < e) f(i, b - first[i], e - first[i]);
     }
   }
-  std::vector<at::Tensor> outputs(const at::Tensor& x) const {
-    std::vector<at::Tensor> out;
-    for (int64_t n : rows) out.push_back(at::empty({x.size(0), n}, x.options()));
-    return out;
-  }
+  // All their products with x, side by side: an input row's are `total` values, weight i's from first[i].
+  at::Tensor output(const at::Tensor& x) const { return at::empty({x.size(0), total}, x.options()); }
+  float* column(const at::Tensor& out, size_t i) const { return out.data_ptr<float>() + first[i]; }
 };
 
 // One input row's products read a thread's weight rows as several streams at once, each from its
@@ -243,18 +241,17 @@ int64_t in_streams(bool streams, int64_t first, int64_t last, F f) {
   return first + STREAMS * apart;
 }
 
-// out[i] (M, N_i) = x (M, K) times rows(i, ...) of weight i, split over threads by weight rows;
-// input rows go 4 at a time, each call of rows<m, r>(i, x, row, apart, out_column) handling r
-// weight rows `apart` rows from each other.
+// out (M, total) = x (M, K) times the rows of each weight, rows(i, ...) for weight i, split over
+// threads by weight rows; input rows go 4 at a time, each call of rows<m, r>(i, x, row, apart,
+// out_column) handling r weight rows `apart` rows from each other.
 template <typename Rows>
-std::vector<at::Tensor> products(const at::Tensor& x, const Weights& weights, Rows rows) {
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<at::Tensor> out = weights.outputs(x);
+at::Tensor products(const at::Tensor& x, const Weights& weights, Rows rows) {
+  const int64_t M = x.size(0), K = x.size(1), N = weights.total;
+  at::Tensor out = weights.output(x);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
     weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
-      const int64_t N = weights.rows[i];
-      float* op = out[i].data_ptr<float>();
+      float* op = weights.column(out, i);
       for (int64_t m = 0; m < M; m += 4) {
         const int64_t count = std::min<int64_t>(M - m, 4);
         auto run = [&](auto inputs) {
@@ -403,19 +400,19 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
   for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(sum[r]);
 }
 
-// out[i] (1, N_i): x (1, K) against the rows of int4 weight i, four at a time.
-DOT_TARGET std::vector<at::Tensor> int4_dot(const at::Tensor& x, const Weights& weights, const std::vector<at::Tensor>& q,
+// out (1, total): x (1, K) against the rows of each int4 weight, four at a time.
+DOT_TARGET at::Tensor int4_dot(const at::Tensor& x, const Weights& weights, const std::vector<at::Tensor>& q,
                                             const std::vector<at::Tensor>& scales, int64_t g) {
   const int64_t K = x.size(1);
   const Int4Order& o = int4_order(K, g);
   const Parts& parts = split(x.data_ptr<float>(), o.order);
-  std::vector<at::Tensor> out = weights.outputs(x);
+  at::Tensor out = weights.output(x);
   auto run = [&]<bool Exact>() {
     at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
       weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
         const uint8_t* qi = q[i].data_ptr<uint8_t>();
         const float* si = scales[i].data_ptr<float>();
-        float* op = out[i].data_ptr<float>();
+        float* op = weights.column(out, i);
         auto rows = [&]<int R>(int64_t n) {
           int4_rows_dot<Exact, R>(parts, o, K, g, qi + n * (K / 2), si + n * (K / g), op + n);
         };
@@ -554,17 +551,16 @@ VNNI_TARGET void int8_rows_vnni(const Digits& x, int64_t K, const int8_t* q, int
     for (int r = 0; r < R; r++) out[m * N + r * apart] = _mm512_reduce_add_ps(sum[m][r]) * scales[r * apart];
 }
 
-// out[i] (M, N_i): x (M, K), up to four rows, against the rows of int8 weight i.
-VNNI_TARGET std::vector<at::Tensor> int8_vnni(const Digits& digits, const at::Tensor& x, const Weights& weights,
+// out (M, total): x (M, K), up to four rows, against the rows of each int8 weight.
+VNNI_TARGET at::Tensor int8_vnni(const Digits& digits, const at::Tensor& x, const Weights& weights,
                                             const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<at::Tensor> out = weights.outputs(x);
+  const int64_t M = x.size(0), K = x.size(1), N = weights.total;
+  at::Tensor out = weights.output(x);
   const std::vector<const int8_t*> qp = pointers<int8_t>(q);
   const std::vector<const float*> sp = pointers<float>(scales);
   at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
     weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
-      const int64_t N = weights.rows[i];
-      float* op = out[i].data_ptr<float>();
+      float* op = weights.column(out, i);
       auto rows = [&]<int I>() {
         int64_t n = first;
         // Streams on every CPU: each vector of one input row's digits loaded then serves STREAMS
@@ -701,20 +697,19 @@ AMX_TARGET void int8_tile_rows(const Tiles& x, int64_t M, int64_t chunks, int64_
   }
 }
 
-// out[i] (M, N_i): x (M, K), two to eight rows in four digits each, against the rows of int8
+// out (M, total): x (M, K), two to eight rows in four digits each, against the rows of int8
 // weight i, 16 at a time; the last few of a thread's rows from a copy padded with zero rows.
-AMX_TARGET std::vector<at::Tensor> int8_amx(const Digits& digits, const at::Tensor& x, const Weights& weights,
+AMX_TARGET at::Tensor int8_amx(const Digits& digits, const at::Tensor& x, const Weights& weights,
                                            const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = weights.total;
   const Tiles& tiles = to_tiles(digits, M, K);
-  std::vector<at::Tensor> out = weights.outputs(x);
+  at::Tensor out = weights.output(x);
   const std::vector<const int8_t*> qp = pointers<int8_t>(q);
   const std::vector<const float*> sp = pointers<float>(scales);
   at::parallel_for(0, weights.total, GRAIN, [&](int64_t begin, int64_t end) {
     configure_tiles();
     weights.each(begin, end, [&](size_t i, int64_t first, int64_t last) {
-      const int64_t N = weights.rows[i];
-      float* op = out[i].data_ptr<float>();
+      float* op = weights.column(out, i);
       int64_t n = first;
       for (; n + TILE <= last; n += TILE)
         int8_tile_rows(tiles, M, digits.chunks, K, qp[i] + n * K, sp[i] + n, op + n, N, TILE);
@@ -743,17 +738,17 @@ void check_input(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
 }
 
 template <typename T>
-std::vector<at::Tensor> dense(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& scales) {
+at::Tensor dense(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& scales) {
   const int64_t K = x.size(1);
   const Weights weights(ws);
   const std::vector<const T*> wp = pointers<T>(ws);
   const std::vector<const float*> sp = pointers<float>(scales);
   return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, int64_t apart, float* out) {
-    dense_rows<M, R, T>(xm, K, wp[i] + n * K, apart, sp.empty() ? nullptr : sp[i] + n, out, weights.rows[i]);
+    dense_rows<M, R, T>(xm, K, wp[i] + n * K, apart, sp.empty() ? nullptr : sp[i] + n, out, weights.total);
   });
 }
 
-std::vector<at::Tensor> matvec(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
+at::Tensor matvec(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
   check_input(x, ws);
   for (const at::Tensor& w : ws) TORCH_CHECK(w.size(1) == x.size(1), "x and the weight differ in width");
   switch (ws[0].scalar_type()) {
@@ -773,7 +768,7 @@ void check_scales(const std::vector<at::Tensor>& q, const std::vector<at::Tensor
                 "scales must be fp32 ", what);
 }
 
-std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
+at::Tensor int8_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
                                     const std::vector<at::Tensor>& scales) {
   check_input(x, q);
   for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
@@ -791,7 +786,7 @@ std::vector<at::Tensor> int8_matvec(const at::Tensor& x, const std::vector<at::T
   return dense<int8_t>(x, q, scales);
 }
 
-std::vector<at::Tensor> int4_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
+at::Tensor int4_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
                                     const std::vector<at::Tensor>& scales, int64_t g) {
   const int64_t K = x.size(1);
   check_input(x, q);
@@ -806,7 +801,7 @@ std::vector<at::Tensor> int4_matvec(const at::Tensor& x, const std::vector<at::T
   const std::vector<const uint8_t*> qp = pointers<uint8_t>(q);
   const std::vector<const float*> sp = pointers<float>(scales);
   return products(x, weights, [&]<int M, int R>(size_t i, const float* xm, int64_t n, int64_t apart, float* out) {
-    int4_rows<M, R>(xm, K, g, qp[i] + n * (K / 2), apart, sp[i] + n * (K / g), out, weights.rows[i]);
+    int4_rows<M, R>(xm, K, g, qp[i] + n * (K / 2), apart, sp[i] + n * (K / g), out, weights.total);
   });
 }
 
@@ -918,9 +913,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }  // namespace
 
 TORCH_LIBRARY(llama, m) {
-  m.def("matvec(Tensor x, Tensor[] weights) -> Tensor[]");
-  m.def("int8_matvec(Tensor x, Tensor[] q, Tensor[] scales) -> Tensor[]");
-  m.def("int4_matvec(Tensor x, Tensor[] q, Tensor[] scales, int group_size) -> Tensor[]");
+  m.def("matvec(Tensor x, Tensor[] weights) -> Tensor");
+  m.def("int8_matvec(Tensor x, Tensor[] q, Tensor[] scales) -> Tensor");
+  m.def("int4_matvec(Tensor x, Tensor[] q, Tensor[] scales, int group_size) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, int group_size) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
 }

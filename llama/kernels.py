@@ -116,9 +116,9 @@ def available() -> bool:
     return True
 
 
-def product_shape(x: torch.Tensor, weights: list[torch.Tensor], *scales_and_group) -> list[torch.Tensor]:
-    """What a product returns, for torch.compile's tracing."""
-    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+def product_shape(x: torch.Tensor, weights: list[torch.Tensor], *scales_and_group) -> torch.Tensor:
+    """What a product returns, for torch.compile's tracing: each weight's products, side by side."""
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
 def weight_shape(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -130,26 +130,29 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
-def shaped(x: torch.Tensor, products: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.to(x.dtype).view(*x.shape[:-1], -1) for p in products]
+def shaped(x: torch.Tensor, products: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each weight's products, shaped as x, from the kernels' one tensor of them side by side: an
+    operator that returns one tensor, Inductor's C++ wrapper calls directly (a list crashed it)."""
+    parts = products.to(x.dtype).split([w.shape[0] for w in weights], dim=-1)
+    return [p.view(*x.shape[:-1], -1) for p in parts]
 
 
 # Each takes several weights with the same input, which a decode step multiplies in one call.
 def matvec(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """F.linear(x, weight) for each weight, in fp32, returned in x's dtype."""
-    return shaped(x, torch.ops.llama.matvec(as_rows(x), weights))
+    return shaped(x, torch.ops.llama.matvec(as_rows(x), weights), weights)
 
 
 def int8_matvec(x: torch.Tensor, q: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
     """x times each weight q * scales (one scale per row), in fp32, returned in x's dtype."""
-    return shaped(x, torch.ops.llama.int8_matvec(as_rows(x), q, scales))
+    return shaped(x, torch.ops.llama.int8_matvec(as_rows(x), q, scales), q)
 
 
 def int4_matvec(
     x: torch.Tensor, q: list[torch.Tensor], scales: list[torch.Tensor], group_size: int
 ) -> list[torch.Tensor]:
     """x times each int4 weight in llama.quantization's layout, in fp32, returned in x's dtype."""
-    return shaped(x, torch.ops.llama.int4_matvec(as_rows(x), q, scales, group_size))
+    return shaped(x, torch.ops.llama.int4_matvec(as_rows(x), q, scales, group_size), q)
 
 
 class KernelCall(NamedTuple):

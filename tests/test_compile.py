@@ -47,6 +47,16 @@ def test_a_compiled_bf16_step_gives_the_same_tokens(checkpoint: Path, tokenizer_
         assert_same_generation(got, eager, abs=0.1)  # bf16 products summed in another order
 
 
+def test_through_inductors_cpp_wrapper_the_compiled_step_gives_the_same_tokens(generator: Llama) -> None:
+    """With torch's TORCHINDUCTOR_CPP_WRAPPER=1, Inductor's C++ calls the kernels directly, which it
+    can for operators that return one tensor; it crashed the process when they returned a list."""
+    prompts = prompt_ids(generator.tokenizer)[:2]
+    eager = generator.generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
+    compiled = Llama(generator.model, generator.tokenizer, compile=True)
+    with torch._inductor.config.patch(cpp_wrapper=True, cpp_wrapper_build_separate=True):
+        assert_same_generation(compiled.generate(prompts, max_gen_len=8, temperature=0, logprobs=True), eager)
+
+
 def test_past_the_recompile_limit_the_step_runs_eagerly(generator: Llama) -> None:
     """fullgraph=True makes torch's recompile limit an error; a server meeting its ninth batch
     shape answered 500 with it. Here the limit is 1: the second shape runs eagerly."""
