@@ -848,25 +848,54 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) 
 // decode step's attention: q (B, H, 1, D), k and v (B, KV, T, D) in the model's dtype, any
 // strides with contiguous rows of D; `visible` (B, T) or none. Scores, softmax and the weighted
 // sum are fp32; each query head reads its key-value head's rows once, front to back.
+// q . k[t] for the 8 keys [t, t + 8) (k at the first), as one vector: eight sums side by side,
+// which a decode step's many keys keep busy, rather than one sum at a time and its horizontal add.
+template <typename T>
+inline floats eight_scores(const float* q, const T* k, int64_t step, int64_t D) {
+  floats sum[8];
+  for (auto& s : sum) s = zero();
+  for (int64_t d = 0; d < D; d += L) {
+    const floats qd = load(q + d);
+    for (int j = 0; j < 8; j++) sum[j] = fma(qd, widen(k + j * step + d), sum[j]);
+  }
+  // Pairwise sums within each half of the vectors, then the halves added: key j's total in lane j.
+  const floats s03 = _mm256_hadd_ps(_mm256_hadd_ps(sum[0], sum[1]), _mm256_hadd_ps(sum[2], sum[3]));
+  const floats s47 = _mm256_hadd_ps(_mm256_hadd_ps(sum[4], sum[5]), _mm256_hadd_ps(sum[6], sum[7]));
+  return add(_mm256_permute2f128_ps(s03, s47, 0x20), _mm256_permute2f128_ps(s03, s47, 0x31));
+}
+
+// out[0, V * L) = the sum over t of p[t] * v[t][0, V * L): each value row read once, the V sums
+// kept in registers.
+template <int V, typename T>
+inline void weighted_sum(const float* p, const T* v, int64_t step, int64_t len, float* out) {
+  floats sum[V];
+  for (auto& s : sum) s = zero();
+  for (int64_t t = 0; t < len; t++) {
+    if (p[t] == 0) continue;  // not visible
+    const floats w = _mm256_set1_ps(p[t]);
+    for (int j = 0; j < V; j++) sum[j] = fma(w, widen(v + t * step + j * L), sum[j]);
+  }
+  for (int j = 0; j < V; j++) store(out + j * L, sum[j]);
+}
+
 template <typename T>
 void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t len, int64_t D, const bool* visible,
                  float* scores, float* out) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) store(scores + t, eight_scores(q, k + t * step, step, D));
+  for (; t < len; t++) dense_rows<1, 1, T>(q, D, k + t * step, 1, nullptr, scores + t, 1);
   float top = -INFINITY;
-  for (int64_t t = 0; t < len; t++) {
-    float score = -INFINITY;
-    if (!visible || visible[t]) dense_rows<1, 1, T>(q, D, k + t * step, 1, &scale, &score, 1);  // q . k[t] * scale
-    scores[t] = score;
-    top = std::max(top, score);
+  for (t = 0; t < len; t++) {
+    scores[t] = !visible || visible[t] ? scores[t] * scale : -INFINITY;
+    top = std::max(top, scores[t]);
   }
   float sum = 0;
-  for (int64_t t = 0; t < len; t++) sum += scores[t] = scores[t] == -INFINITY ? 0.0f : std::exp(scores[t] - top);
-  for (int64_t d = 0; d < D; d++) out[d] = 0;
-  for (int64_t t = 0; t < len; t++) {
-    if (scores[t] == 0) continue;
-    const floats p = _mm256_set1_ps(scores[t] / sum);
-    for (int64_t d = 0; d < D; d += L) store(out + d, fma(p, widen(v + t * step + d), load(out + d)));
-  }
+  for (t = 0; t < len; t++) sum += scores[t] = scores[t] == -INFINITY ? 0.0f : std::exp(scores[t] - top);
+  for (t = 0; t < len; t++) scores[t] /= sum;
+  int64_t d = 0;
+  for (; d + 8 * L <= D; d += 8 * L) weighted_sum<8>(scores, v + d, step, len, out + d);
+  for (; d < D; d += L) weighted_sum<1>(scores, v + d, step, len, out + d);
 }
 
 template <typename T>
