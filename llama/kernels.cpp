@@ -892,7 +892,8 @@ void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t l
   }
   float sum = 0;
   for (t = 0; t < len; t++) sum += scores[t] = scores[t] == -INFINITY ? 0.0f : std::exp(scores[t] - top);
-  for (t = 0; t < len; t++) scores[t] /= sum;
+  if (sum > 0)  // else no key is visible: every weight stays 0, and so does the output
+    for (t = 0; t < len; t++) scores[t] /= sum;
   int64_t d = 0;
   for (; d + 8 * L <= D; d += 8 * L) weighted_sum<8>(scores, v + d, step, len, out + d);
   for (; d < D; d += L) weighted_sum<1>(scores, v + d, step, len, out + d);

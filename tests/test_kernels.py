@@ -188,6 +188,12 @@ def test_attention_of_one_query_equals_sdpa(dtype, batch, heads, kv_heads, head_
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+def test_attention_with_no_key_visible_gives_zeros_not_nan() -> None:
+    q, keys = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 9, 16)
+    got = kernels.attend(q, keys, keys, torch.zeros(1, 1, 1, 9, dtype=torch.bool))
+    assert torch.equal(got, torch.zeros_like(q))
+
+
 def test_products_run_inside_a_compiled_function() -> None:
     q, scales = quantize(torch.randn(48, 64), Scheme(4, 32))
     weight = torch.randn(64, 48)
