@@ -389,7 +389,8 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
       const int64_t i = c * 128 + place * 32;
       const __m512bh xh = as_bf16(_mm512_loadu_si512(&x.high[i])), xl = as_bf16(_mm512_loadu_si512(&x.low[i]));
       for (int r = 0; r < R; r++) {
-        const __m512bh values = as_bf16(_mm512_permutexvar_epi16(place ? _mm512_srli_epi16(v[r], 4 * place) : v[r], levels));
+        const __m512i nibbles = place ? _mm512_srli_epi16(v[r], 4 * place) : v[r];
+        const __m512bh values = as_bf16(_mm512_permutexvar_epi16(nibbles, levels));
         high[r] = _mm512_dpbf16_ps(high[r], values, xh);
         if constexpr (!Exact) low[r] = _mm512_dpbf16_ps(low[r], values, xl);
       }
@@ -397,7 +398,8 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
     const __m512i lanes = _mm512_loadu_si512(&o.lanes[c * 16]);
     for (int r = 0; r < R; r++) {
       const __m512 s = _mm512_maskz_loadu_ps(o.spans[c], scales + r * groups + o.first[c]);
-      sum[r] = _mm512_fmadd_ps(Exact ? high[r] : _mm512_add_ps(high[r], low[r]), _mm512_permutexvar_ps(lanes, s), sum[r]);
+      const __m512 part = Exact ? high[r] : _mm512_add_ps(high[r], low[r]);
+      sum[r] = _mm512_fmadd_ps(part, _mm512_permutexvar_ps(lanes, s), sum[r]);
     }
   }
   for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(sum[r]);
@@ -405,7 +407,7 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
 
 // out (1, total): x (1, K) against the rows of each int4 weight, four at a time.
 DOT_TARGET at::Tensor int4_dot(const at::Tensor& x, const Weights& weights, const std::vector<at::Tensor>& q,
-                                            const std::vector<at::Tensor>& scales, int64_t g) {
+                               const std::vector<at::Tensor>& scales, int64_t g) {
   const int64_t K = x.size(1);
   const Int4Order& o = int4_order(K, g);
   const Parts& parts = split(x.data_ptr<float>(), o.order);
@@ -556,7 +558,7 @@ VNNI_TARGET void int8_rows_vnni(const Digits& x, int64_t K, const int8_t* q, int
 
 // out (M, total): x (M, K), up to four rows, against the rows of each int8 weight.
 VNNI_TARGET at::Tensor int8_vnni(const Digits& digits, const at::Tensor& x, const Weights& weights,
-                                            const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
+                                 const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
   const int64_t M = x.size(0), K = x.size(1), N = weights.total;
   at::Tensor out = weights.output(x);
   const std::vector<const int8_t*> qp = pointers<int8_t>(q);
@@ -703,7 +705,7 @@ AMX_TARGET void int8_tile_rows(const Tiles& x, int64_t M, int64_t chunks, int64_
 // out (M, total): x (M, K), two to eight rows in four digits each, against the rows of int8
 // weight i, 16 at a time; the last few of a thread's rows from a copy padded with zero rows.
 AMX_TARGET at::Tensor int8_amx(const Digits& digits, const at::Tensor& x, const Weights& weights,
-                                           const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
+                               const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales) {
   const int64_t M = x.size(0), K = x.size(1), N = weights.total;
   const Tiles& tiles = to_tiles(digits, M, K);
   at::Tensor out = weights.output(x);
@@ -772,7 +774,7 @@ void check_scales(const std::vector<at::Tensor>& q, const std::vector<at::Tensor
 }
 
 at::Tensor int8_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
-                                    const std::vector<at::Tensor>& scales) {
+                       const std::vector<at::Tensor>& scales) {
   check_input(x, q);
   for (const at::Tensor& w : q) TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "q must be int8 (N, K)");
   check_scales(q, scales, 1, "(N,)");
@@ -790,7 +792,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
 }
 
 at::Tensor int4_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
-                                    const std::vector<at::Tensor>& scales, int64_t g) {
+                       const std::vector<at::Tensor>& scales, int64_t g) {
   const int64_t K = x.size(1);
   check_input(x, q);
   TORCH_CHECK(g % (2 * L) == 0, "the group size must be a multiple of ", 2 * L);
