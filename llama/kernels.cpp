@@ -846,10 +846,6 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) 
   return out;
 }
 
-// Attention of one new token per sequence over the keys and values cached for it, which is a
-// decode step's attention: q (B, H, 1, D), k and v (B, KV, T, D) in the model's dtype, any
-// strides with contiguous rows of D; `visible` (B, T) or none. Scores, softmax and the weighted
-// sum are fp32; each query head reads its key-value head's rows once, front to back.
 // q . k[t] for the 8 keys [t, t + 8) (k at the first), as one vector: eight sums side by side,
 // which a decode step's many keys keep busy, rather than one sum at a time and its horizontal add.
 template <typename T>
@@ -880,6 +876,10 @@ inline void weighted_sum(const float* p, const T* v, int64_t step, int64_t len, 
   for (int j = 0; j < V; j++) store(out + j * L, sum[j]);
 }
 
+// Attention of one new token per sequence over the keys and values cached for it, which is a
+// decode step's attention: q (B, H, 1, D), k and v (B, KV, T, D) in the model's dtype, any
+// strides with contiguous rows of D; `visible` (B, T) or none. Scores, softmax and the weighted
+// sum are fp32; each query head reads its key-value head's rows once, front to back.
 template <typename T>
 void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t len, int64_t D, const bool* visible,
                  float* scores, float* out) {
