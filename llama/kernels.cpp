@@ -99,6 +99,19 @@ template <int R>
 constexpr int U = R == 1 || R == STREAMS ? 4 : 1;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// The same for a weight stream with little arithmetic per byte. On AMD's Zen 4 into the L2 cache
+// only: lines asked into L1 as well held the core to fewer reads in flight, and a compiled step's
+// quantized products of one input row, and float products of several, ran faster for it. int8's
+// products of two to four rows, with more arithmetic per byte, ran slower, so they ask into L1 (and
+// one float row read alone gained nothing from asking ahead). An Intel Xeon's streams (see AHEAD)
+// were tuned asking into L1, and Intel keeps that.
+const bool INTO_L2 = (__builtin_cpu_init(), __builtin_cpu_is("amd"));  // a plain load in the loops
+inline void prefetch_l2(const void* p) {
+  if (INTO_L2)
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+  else
+    prefetch(p);
+}
 // How far ahead each of the streams asks for its bytes. The core keeps only so many loads in flight
 // of its own accord, fewer the more instructions a cache line takes (bf16's conversions), which
 // held bf16 rows well below memory speed on an Intel Xeon. (int8's streams asked 4 KiB ahead
@@ -117,10 +130,10 @@ void dense_rows(const float* x, int64_t K, const T* w, int64_t apart, const floa
   auto step = [&]<int n>(int64_t k) {  // columns [k, k + n * L)
     floats weights[R][n];
     for (int r = 0; r < R; r++) {
-      if (R > 1 && apart == 1) prefetch(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
+      if (R > 1 && apart == 1) prefetch_l2(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
       if constexpr (R == STREAMS) {  // see AHEAD
         const char* at = reinterpret_cast<const char*>(w + r * apart * K + k) + AHEAD;
-        for (int64_t b = 0; b < n * L * int64_t(sizeof(T)); b += 64) prefetch(at + b);
+        for (int64_t b = 0; b < n * L * int64_t(sizeof(T)); b += 64) prefetch_l2(at + b);
       }
       for (int v = 0; v < n; v++) weights[r][v] = widen(w + r * apart * K + k + v * L);
     }
@@ -381,7 +394,7 @@ DOT_TARGET void int4_rows_dot(const Parts& x, const Int4Order& o, int64_t K, int
     __m512 high[R], low[R];
     for (int r = 0; r < R; r++) {
       // Four streams at once outrun the hardware prefetcher: ask for each row's bytes 4 KiB ahead.
-      prefetch(q + r * bytes + c * STEP + 4096);
+      prefetch_l2(q + r * bytes + c * STEP + 4096);
       v[r] = _mm512_loadu_si512(q + r * bytes + c * STEP);
       high[r] = low[r] = _mm512_setzero_ps();
     }
@@ -532,7 +545,10 @@ VNNI_TARGET void int8_rows_vnni(const Digits& x, int64_t K, const int8_t* q, int
     for (int64_t k = c * CHUNK; k < std::min(K, (c + 1) * CHUNK); k += BLOCK) {
       __m512i w[R];
       for (int r = 0; r < R; r++) {
-        prefetch(q + r * apart * K + k + AHEAD);
+        if constexpr (M == 1)
+          prefetch_l2(q + r * apart * K + k + AHEAD);
+        else
+          prefetch(q + r * apart * K + k + AHEAD);
         w[r] = _mm512_xor_si512(_mm512_loadu_si512(q + r * apart * K + k), flip);  // w + 128, unsigned
       }
       for (int m = 0; m < M; m++) {
