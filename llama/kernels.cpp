@@ -133,7 +133,7 @@ void dense_rows(const float* x, int64_t K, const T* w, int64_t apart, const floa
       if (R > 1 && apart == 1) prefetch_l2(w + (R + r) * K + k + 512 / sizeof(T));  // the next rows' streams
       if constexpr (R == STREAMS) {  // see AHEAD
         const char* at = reinterpret_cast<const char*>(w + r * apart * K + k) + AHEAD;
-        for (int64_t b = 0; b < n * L * int64_t(sizeof(T)); b += 64) prefetch_l2(at + b);
+        for (int64_t b = 0; b < n * L * int64_t(sizeof(T)); b += 64) prefetch(at + b);
       }
       for (int v = 0; v < n; v++) weights[r][v] = widen(w + r * apart * K + k + v * L);
     }
