@@ -864,13 +864,20 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) 
 
 // q . k[t] for the 8 keys [t, t + 8) (k at the first), as one vector: eight sums side by side,
 // which a decode step's many keys keep busy, rather than one sum at a time and its horizontal add.
+// Each key's row is read front to back, in the order memory streams it: read side by side, a
+// column of the eight rows at a time, the keys took a fifth longer from memory.
 template <typename T>
 inline floats eight_scores(const float* q, const T* k, int64_t step, int64_t D) {
   floats sum[8];
-  for (auto& s : sum) s = zero();
-  for (int64_t d = 0; d < D; d += L) {
-    const floats qd = load(q + d);
-    for (int j = 0; j < 8; j++) sum[j] = fma(qd, widen(k + j * step + d), sum[j]);
+  for (int j = 0; j < 8; j++) {
+    floats a = zero(), b = zero();  // two sums, so that each multiply-add waits on half as many
+    int64_t d = 0;
+    for (; d + 2 * L <= D; d += 2 * L) {
+      a = fma(load(q + d), widen(k + j * step + d), a);
+      b = fma(load(q + d + L), widen(k + j * step + d + L), b);
+    }
+    if (d < D) a = fma(load(q + d), widen(k + j * step + d), a);
+    sum[j] = add(a, b);
   }
   // Pairwise sums within each half of the vectors, then the halves added: key j's total in lane j.
   const floats s03 = _mm256_hadd_ps(_mm256_hadd_ps(sum[0], sum[1]), _mm256_hadd_ps(sum[2], sum[3]));
@@ -878,8 +885,30 @@ inline floats eight_scores(const float* q, const T* k, int64_t step, int64_t D) 
   return add(_mm256_permute2f128_ps(s03, s47, 0x20), _mm256_permute2f128_ps(s03, s47, 0x31));
 }
 
-// out[0, V * L) = the sum over t of p[t] * v[t][0, V * L): each value row read once, the V sums
-// kept in registers.
+// e^x in each lane, for softmax's x <= 0, to a few ulp: x = n ln 2 + r with |r| <= ln 2 / 2, e^r
+// by Taylor's series to r^7 (the rest is under 1e-8 of it), 2^n put in the exponent. Below -87,
+// where e^x nears float's smallest normal number, it gives e^-87; NaN stays NaN.
+inline floats exp_lanes(floats x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const floats n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  floats r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: n times the first is exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.1219444e-4f), r);
+  floats y = _mm256_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 1.0f / 2}) y = fma(y, r, _mm256_set1_ps(c));
+  y = fma(y, _mm256_mul_ps(r, r), add(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+inline float largest(floats v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// out[0, V * L) = the sum over t of p[t] * v[t][0, V * L): each value row read once, front to
+// back, the V sums kept in registers.
 template <int V, typename T>
 inline void weighted_sum(const float* p, const T* v, int64_t step, int64_t len, float* out) {
   floats sum[V];
@@ -895,26 +924,52 @@ inline void weighted_sum(const float* p, const T* v, int64_t step, int64_t len, 
 // Attention of one new token per sequence over the keys and values cached for it, which is a
 // decode step's attention: q (B, H, 1, D), k and v (B, KV, T, D) in the model's dtype, any
 // strides with contiguous rows of D; `visible` (B, T) or none. Scores, softmax and the weighted
-// sum are fp32; each query head reads its key-value head's rows once, front to back.
+// sum are fp32; each query head reads its key-value head's rows once, each row front to back.
+// `scores` has room for len rounded up to a whole vector.
 template <typename T>
 void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t len, int64_t D, const bool* visible,
                  float* scores, float* out) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   int64_t t = 0;
   for (; t + 8 <= len; t += 8) store(scores + t, eight_scores(q, k + t * step, step, D));
   for (; t < len; t++) dense_rows<1, 1, T>(q, D, k + t * step, 1, nullptr, scores + t, 1);
-  float top = -INFINITY;
-  for (t = 0; t < len; t++) {
-    scores[t] = !visible || visible[t] ? scores[t] * scale : -INFINITY;
-    top = std::max(top, scores[t]);
+  // Softmax a vector at a time: a key not visible, and the lanes past the last, score -inf and weigh 0.
+  for (; t % L; t++) scores[t] = -INFINITY;
+  if (visible)
+    for (t = 0; t < len; t++)
+      if (!visible[t]) scores[t] = -INFINITY;
+  const floats scale = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(D))), none = _mm256_set1_ps(-INFINITY);
+  floats tops = none;
+  for (t = 0; t < len; t += L) {
+    const floats s = _mm256_mul_ps(load(scores + t), scale);
+    store(scores + t, s);
+    tops = _mm256_max_ps(tops, s);
   }
-  float sum = 0;
-  for (t = 0; t < len; t++) sum += scores[t] = scores[t] == -INFINITY ? 0.0f : std::exp(scores[t] - top);
-  if (sum > 0)  // else no key is visible: every weight stays 0, and so does the output
-    for (t = 0; t < len; t++) scores[t] /= sum;
-  int64_t d = 0;
-  for (; d + 8 * L <= D; d += 8 * L) weighted_sum<8>(scores, v + d, step, len, out + d);
-  for (; d < D; d += L) weighted_sum<1>(scores, v + d, step, len, out + d);
+  const float top = largest(tops);
+  if (top == -INFINITY) {  // no key is visible: every weight is 0, and so is the output
+    for (int64_t d = 0; d < D; d++) out[d] = 0;
+    return;
+  }
+  floats sums = zero();
+  for (t = 0; t < len; t += L) {
+    const floats s = load(scores + t);
+    const floats weighs = _mm256_cmp_ps(s, none, _CMP_NEQ_UQ);
+    const floats e = _mm256_and_ps(exp_lanes(_mm256_sub_ps(s, _mm256_set1_ps(top))), weighs);
+    store(scores + t, e);
+    sums = add(sums, e);
+  }
+  switch (D / L) {  // Llama 2's heads are 128 wide; smaller models' 64
+    case 16: weighted_sum<16>(scores, v, step, len, out); break;
+    case 8: weighted_sum<8>(scores, v, step, len, out); break;
+    default:
+      for (int64_t d = 0; d < D; d++) out[d] = 0;
+      for (t = 0; t < len; t++) {
+        if (scores[t] == 0) continue;  // not visible
+        const floats w = _mm256_set1_ps(scores[t]);
+        for (int64_t d = 0; d < D; d += L) store(out + d, fma(w, widen(v + t * step + d), load(out + d)));
+      }
+  }
+  const floats share = _mm256_set1_ps(1.0f / total(sums));
+  for (int64_t d = 0; d < D; d += L) store(out + d, _mm256_mul_ps(load(out + d), share));
 }
 
 template <typename T>
@@ -925,7 +980,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(len), query(D), result(D);
+    std::vector<float> scores(len + L), query(D), result(D);
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / H, h = i % H, kv = h / (H / KV);
       for (int64_t d = 0; d < D; d++) query[d] = static_cast<float>(qp[i * D + d]);

@@ -167,7 +167,8 @@ def test_products_keep_the_inputs_dtype_and_leading_dimensions() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "head_dim", "positions"),
-    [(1, 12, 12, 64, 130), (3, 8, 2, 32, 17), (2, 4, 4, 24, 1)],  # one head, grouped heads, an odd width
+    # one head, grouped heads, an odd width, Llama 2's width
+    [(1, 12, 12, 64, 130), (3, 8, 2, 32, 17), (2, 4, 4, 24, 1), (1, 4, 2, 128, 41)],
 )
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_of_one_query_equals_sdpa(dtype, batch, heads, kv_heads, head_dim, positions, masked) -> None:
@@ -186,6 +187,13 @@ def test_attention_of_one_query_equals_sdpa(dtype, batch, heads, kv_heads, head_
     assert got.dtype == dtype and got.shape == q.shape
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # fp32 inside, rounded once to the dtype
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_attention_with_scores_far_apart_equals_sdpa() -> None:
+    """Scores hundreds apart: the smallest weights underflow to (near) 0, as in fp32's own softmax."""
+    q, keys, values = torch.randn(1, 2, 1, 64) * 30, torch.randn(1, 2, 37, 64) * 30, torch.randn(1, 2, 37, 64)
+    expected = F.scaled_dot_product_attention(q, keys, values)
+    torch.testing.assert_close(kernels.attend(q, keys, values, None), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_with_no_key_visible_gives_zeros_not_nan() -> None:
