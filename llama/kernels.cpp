@@ -18,6 +18,7 @@
 // eight input rows through AMX's tiles), where the CPU has them (see there). Built on first use by
 // llama/kernels.py; threads come from torch's own pool.
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -907,13 +908,13 @@ inline float largest(floats v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// out[0, V * L) = the sum over t of p[t] * v[t][0, V * L): each value row read once, front to
-// back, the V sums kept in registers.
+// out[0, V * L) += the sum over rows t in [first, last) of p[t] * v[t][0, V * L): each value row
+// read front to back, the V sums kept in registers.
 template <int V, typename T>
-inline void weighted_sum(const float* p, const T* v, int64_t step, int64_t len, float* out) {
+inline void add_weighted(const float* p, const T* v, int64_t step, int64_t first, int64_t last, float* out) {
   floats sum[V];
-  for (auto& s : sum) s = zero();
-  for (int64_t t = 0; t < len; t++) {
+  for (int j = 0; j < V; j++) sum[j] = load(out + j * L);
+  for (int64_t t = first; t < last; t++) {
     if (p[t] == 0) continue;  // not visible
     const floats w = _mm256_set1_ps(p[t]);
     for (int j = 0; j < V; j++) sum[j] = fma(w, widen(v + t * step + j * L), sum[j]);
@@ -921,72 +922,96 @@ inline void weighted_sum(const float* p, const T* v, int64_t step, int64_t len, 
   for (int j = 0; j < V; j++) store(out + j * L, sum[j]);
 }
 
-// Attention of one new token per sequence over the keys and values cached for it, which is a
-// decode step's attention: q (B, H, 1, D), k and v (B, KV, T, D) in the model's dtype, any
-// strides with contiguous rows of D; `visible` (B, T) or none. Scores, softmax and the weighted
-// sum are fp32; each query head reads its key-value head's rows once, each row front to back.
-// `scores` has room for len rounded up to a whole vector.
-template <typename T>
-void attend_head(const float* q, const T* k, const T* v, int64_t step, int64_t len, int64_t D, const bool* visible,
-                 float* scores, float* out) {
-  int64_t t = 0;
-  for (; t + 8 <= len; t += 8) store(scores + t, eight_scores(q, k + t * step, step, D));
-  for (; t < len; t++) dense_rows<1, 1, T>(q, D, k + t * step, 1, nullptr, scores + t, 1);
-  // Softmax a vector at a time: a key not visible, and the lanes past the last, score -inf and weigh 0.
-  for (; t % L; t++) scores[t] = -INFINITY;
+// Scores s[0, len) become softmax's weights, not yet divided by their sum, which is returned: a vector
+// at a time, where a key not visible, and the lanes up to the next whole vector, score -inf and weigh
+// 0. With no key visible, every weight and the sum are 0.
+inline float softmax(float* s, int64_t len, const bool* visible, float scale) {
+  int64_t t = len;
+  for (; t % L; t++) s[t] = -INFINITY;
   if (visible)
     for (t = 0; t < len; t++)
-      if (!visible[t]) scores[t] = -INFINITY;
-  const floats scale = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(D))), none = _mm256_set1_ps(-INFINITY);
+      if (!visible[t]) s[t] = -INFINITY;
+  const floats scaled = _mm256_set1_ps(scale), none = _mm256_set1_ps(-INFINITY);
   floats tops = none;
   for (t = 0; t < len; t += L) {
-    const floats s = _mm256_mul_ps(load(scores + t), scale);
-    store(scores + t, s);
-    tops = _mm256_max_ps(tops, s);
+    const floats x = _mm256_mul_ps(load(s + t), scaled);
+    store(s + t, x);
+    tops = _mm256_max_ps(tops, x);
   }
-  const float top = largest(tops);
-  if (top == -INFINITY) {  // no key is visible: every weight is 0, and so is the output
-    for (int64_t d = 0; d < D; d++) out[d] = 0;
-    return;
-  }
+  const floats top = _mm256_set1_ps(largest(tops));
   floats sums = zero();
   for (t = 0; t < len; t += L) {
-    const floats s = load(scores + t);
-    const floats weighs = _mm256_cmp_ps(s, none, _CMP_NEQ_UQ);
-    const floats e = _mm256_and_ps(exp_lanes(_mm256_sub_ps(s, _mm256_set1_ps(top))), weighs);
-    store(scores + t, e);
+    const floats x = load(s + t), weighs = _mm256_cmp_ps(x, none, _CMP_NEQ_UQ);
+    const floats e = _mm256_and_ps(exp_lanes(_mm256_sub_ps(x, top)), weighs);  // all 0 where top is -inf
+    store(s + t, e);
     sums = add(sums, e);
   }
-  switch (D / L) {  // Llama 2's heads are 128 wide; smaller models' 64
-    case 16: weighted_sum<16>(scores, v, step, len, out); break;
-    case 8: weighted_sum<8>(scores, v, step, len, out); break;
-    default:
-      for (int64_t d = 0; d < D; d++) out[d] = 0;
-      for (t = 0; t < len; t++) {
-        if (scores[t] == 0) continue;  // not visible
-        const floats w = _mm256_set1_ps(scores[t]);
-        for (int64_t d = 0; d < D; d += L) store(out + d, fma(w, widen(v + t * step + d), load(out + d)));
-      }
-  }
-  const floats share = _mm256_set1_ps(1.0f / total(sums));
-  for (int64_t d = 0; d < D; d += L) store(out + d, _mm256_mul_ps(load(out + d), share));
+  return total(sums);
 }
 
+constexpr int64_t VALUE_ROWS = 32;  // value rows that stay in the L1 cache while each query head adds them
+
+// Attention of one new token per sequence over the keys and values cached for it, which is a
+// decode step's attention, for `heads` query heads that share one key-value head (one, or a group
+// of grouped-query attention): q (heads, D), k and v (len, D) rows `step` apart, `visible` (len)
+// or none; scores (heads, room) with room >= len rounded up to a whole vector. Scores, softmax and
+// the weighted sum are fp32. Each key and value row is read once for all the heads, front to back:
+// eight keys, then a block of values, are read from memory for the first head and from the L1
+// cache for the rest.
+template <typename T>
+void attend_heads(const float* q, int64_t heads, const T* k, const T* v, int64_t step, int64_t len, int64_t D,
+                  const bool* visible, float* scores, int64_t room, float* out) {
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8)
+    for (int64_t h = 0; h < heads; h++) store(scores + h * room + t, eight_scores(q + h * D, k + t * step, step, D));
+  for (; t < len; t++)
+    for (int64_t h = 0; h < heads; h++)
+      dense_rows<1, 1, T>(q + h * D, D, k + t * step, 1, nullptr, scores + h * room + t, 1);
+  std::vector<float> sums(heads);
+  for (int64_t h = 0; h < heads; h++)
+    sums[h] = softmax(scores + h * room, len, visible, 1.0f / std::sqrt(static_cast<float>(D)));
+  std::fill(out, out + heads * D, 0.0f);
+  for (int64_t first = 0; first < len; first += VALUE_ROWS) {
+    const int64_t last = std::min(len, first + VALUE_ROWS);
+    for (int64_t h = 0; h < heads; h++) {
+      const float* p = scores + h * room;
+      float* o = out + h * D;
+      switch (D / L) {  // Llama 2's heads are 128 wide; smaller models' 64
+        case 16: add_weighted<16>(p, v, step, first, last, o); break;
+        case 8: add_weighted<8>(p, v, step, first, last, o); break;
+        default:
+          for (int64_t d = 0; d < D; d += L) add_weighted<1>(p, v + d, step, first, last, o + d);
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; h++) {  // no key visible: the output stays 0
+    const floats share = _mm256_set1_ps(sums[h] > 0 ? 1.0f / sums[h] : 0.0f);
+    for (int64_t d = 0; d < D; d += L) store(out + h * D + d, _mm256_mul_ps(load(out + h * D + d), share));
+  }
+}
+
+// The query heads of each key-value head go to the threads together, split in parts where there are
+// fewer key-value heads (times sequences) than threads.
 template <typename T>
 void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* visible, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), len = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), len = k.size(2), G = H / KV;
+  const int64_t wanted = std::min<int64_t>(G, (at::get_num_threads() + B * KV - 1) / (B * KV));
+  const int64_t per = (G + wanted - 1) / wanted, parts = (G + per - 1) / per;  // query heads to a part
+  const int64_t room = (len + L - 1) / L * L;
   const T* qp = reinterpret_cast<const T*>(q.data_ptr());
   const T* kp = reinterpret_cast<const T*>(k.data_ptr());
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(len + L), query(D), result(D);
-    for (int64_t i = begin; i < end; i++) {
-      const int64_t b = i / H, h = i % H, kv = h / (H / KV);
-      for (int64_t d = 0; d < D; d++) query[d] = static_cast<float>(qp[i * D + d]);
-      attend_head(query.data(), kp + b * k.stride(0) + kv * k.stride(1), vp + b * v.stride(0) + kv * v.stride(1),
-                  k.stride(2), len, D, visible ? visible + b * len : nullptr, scores.data(), result.data());
-      for (int64_t d = 0; d < D; d++) op[i * D + d] = static_cast<T>(result[d]);
+  at::parallel_for(0, B * KV * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(per * room), query(per * D), result(per * D);
+    for (int64_t u = begin; u < end; u++) {
+      const int64_t b = u / (KV * parts), kv = u / parts % KV, first = kv * G + u % parts * per;
+      const int64_t heads = std::min(per, kv * G + G - first), at = (b * H + first) * D;
+      for (int64_t i = 0; i < heads * D; i++) query[i] = static_cast<float>(qp[at + i]);
+      const int64_t cached = b * k.stride(0) + kv * k.stride(1);  // k and v have the same strides
+      attend_heads(query.data(), heads, kp + cached, vp + cached, k.stride(2), len, D,
+                   visible ? visible + b * len : nullptr, scores.data(), room, result.data());
+      for (int64_t i = 0; i < heads * D; i++) op[at + i] = static_cast<T>(result[i]);
     }
   });
 }

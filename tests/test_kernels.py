@@ -189,6 +189,21 @@ def test_attention_of_one_query_equals_sdpa(dtype, batch, heads, kv_heads, head_
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize(("batch", "heads", "kv_heads"), [(1, 8, 1), (2, 6, 2)])
+def test_attention_with_a_group_split_over_threads_equals_sdpa(threads, batch, heads, kv_heads) -> None:
+    """Fewer key-value heads than threads: each group's query heads go to the threads in parts."""
+    q, keys, values = torch.randn(batch, heads, 1, 32), *torch.randn(2, batch, kv_heads, 19, 32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.attend(q, keys, values, None)
+    finally:
+        torch.set_num_threads(before)
+    expected = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_with_scores_far_apart_equals_sdpa() -> None:
     """Scores hundreds apart: the smallest weights underflow to (near) 0, as in fp32's own softmax."""
     q, keys, values = torch.randn(1, 2, 1, 64) * 30, torch.randn(1, 2, 37, 64) * 30, torch.randn(1, 2, 37, 64)
