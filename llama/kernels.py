@@ -5,8 +5,9 @@ streams a weight at a fraction of memory speed, and torch has no int8 or int4 pr
 fp32 activations. These kernels read each weight once, in the layout it is stored in (fp32,
 bf16, fp16, or the integers of llama.quantization), with activations in fp32; and they turn a
 tile of integers back into floats for prefill's matrix products in one pass. A decode step's
-attention, one query per sequence, reads each head's cached keys and values once; torch's fused
-attention, built for many queries, took several times as long for it (in bf16 most of all).
+attention, one query per sequence, reads each key-value head's cached keys and values once, for
+all the query heads that share it; torch's fused attention, built for many queries, took several
+times as long for it (in bf16 most of all).
 
 They are compiled on first use by the C++ compiler torch.compile needs too (`c++`, or $CXX),
 for this CPU's AVX2 or AVX-512, and kept in ~/.cache/llama. Where they cannot be built, or with
