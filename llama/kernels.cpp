@@ -1,7 +1,7 @@
 // Matrix-vector products for a decode step on an x86 CPU: a few input rows against weights of
 // fp32, bf16, fp16 or int8 values, or int4 in groups, read once, in the layout they are stored in
-// (several weights with the same input in one call); int8 and int4 weights as floats, for
-// prefill; and a decode step's attention over the cache.
+// (several weights with the same input in one call); prefill's products with int8 and int4
+// weights, a few rows at a time as floats; and a decode step's attention over the cache.
 //
 // A decode step multiplies every weight by one row per sequence, so it is bound by how fast the
 // weight streams in. Converting 8-bit integers to floats costs as much as reading them, so each
@@ -30,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cpuid.h>
@@ -827,37 +829,74 @@ at::Tensor int4_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
   });
 }
 
-// The weight that int8 or int4 values stand for, as fp32 rows: prefill's matrix products take it,
-// a tile of rows at a time.
-at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+// Rows [begin, end) of the weight that int8 or int4 values stand for, as fp32 rows at `out`.
+void dequantize_rows(const at::Tensor& q, const float* scales, int64_t K, int64_t g, int64_t begin, int64_t end,
+                     float* out) {
   const bool int4 = q.scalar_type() == at::kByte;
-  const int64_t N = q.size(0), K = int4 ? 2 * q.size(1) : q.size(1), groups = int4 ? K / g : 1;
+  const int64_t groups = int4 ? K / g : 1;
+  for (int64_t n = begin; n < end; n++) {
+    float* row = out + (n - begin) * K;
+    if (!int4) {
+      const int8_t* qn = q.data_ptr<int8_t>() + n * K;
+      const floats scale = _mm256_set1_ps(scales[n]);
+      for (int64_t k = 0; k < K; k += L) store(row + k, _mm256_mul_ps(widen(qn + k), scale));
+      continue;
+    }
+    for (int64_t j = 0; j < groups; j++) {
+      const Levels levels(scales[n * groups + j]);
+      const uint8_t* qj = q.data_ptr<uint8_t>() + n * (K / 2) + j * (g / 2);
+      for (int64_t b = 0; b < g / 2; b += L) {
+        floats low, high;
+        widen(qj + b, levels, low, high);
+        store(row + j * g + b, low);
+        store(row + j * g + g / 2 + b, high);
+      }
+    }
+  }
+}
+
+// The width K of int8 or int4 values q (N, K or K / 2), checked with their scales.
+int64_t check_quantized(const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+  const bool int4 = q.scalar_type() == at::kByte;
+  const int64_t N = q.size(0), K = int4 ? 2 * q.size(1) : q.size(1);
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && (int4 || q.scalar_type() == at::kChar), "q must be int8 or uint8");
   TORCH_CHECK(int4 ? g % (2 * L) == 0 && K % g == 0 : K % L == 0, "the width or group size is not a multiple of ", L);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * groups,
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (int4 ? K / g : 1),
               "scales must be fp32, one per row or group");
+  return K;
+}
+
+// The weight that int8 or int4 values stand for, as fp32 rows.
+at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+  const int64_t N = q.size(0), K = check_quantized(q, scales, g);
   at::Tensor out = at::empty({N, K}, scales.options());
-  const float* sp = scales.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n++) {
-      float* row = op + n * K;
-      if (!int4) {
-        const int8_t* qn = q.data_ptr<int8_t>() + n * K;
-        const floats scale = _mm256_set1_ps(sp[n]);
-        for (int64_t k = 0; k < K; k += L) store(row + k, _mm256_mul_ps(widen(qn + k), scale));
-        continue;
-      }
-      for (int64_t j = 0; j < groups; j++) {
-        const Levels levels(sp[n * groups + j]);
-        const uint8_t* qj = q.data_ptr<uint8_t>() + n * (K / 2) + j * (g / 2);
-        for (int64_t b = 0; b < g / 2; b += L) {
-          floats low, high;
-          widen(qj + b, levels, low, high);
-          store(row + j * g + b, low);
-          store(row + j * g + g / 2 + b, high);
-        }
-      }
+    dequantize_rows(q, scales.data_ptr<float>(), K, g, begin, end, out.data_ptr<float>() + begin * K);
+  });
+  return out;
+}
+
+// x (M, K) times the weight int8 or int4 values stand for, in fp32, for prefill's many rows. Each
+// thread turns a few of its weight rows at a time into floats, in a buffer its own cache holds, and
+// multiplies them there (by torch's BLAS, on that thread alone); converted a large tile at a time
+// for all threads' products, the floats went out to memory and back. Fewer rows than MIN_ROWS at a
+// time (wide weights) spent more time repacking x for each product than they saved. (bf16 models
+// gained nothing from the same: their tiles are half the bytes, and take torch's bf16 products.)
+constexpr int64_t TILE_BYTES = 1 << 19, MIN_ROWS = 64;
+at::Tensor dequantized_product(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+  const int64_t M = x.size(0), N = q.size(0), K = check_quantized(q, scales, g);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "x must be fp32 (M, K), contiguous");
+  const int64_t rows = std::max<int64_t>(MIN_ROWS, TILE_BYTES / (4 * K) / L * L);
+  at::Tensor out = at::empty({M, N}, x.options());
+  at::parallel_for(0, N, rows, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode plain;  // torch's own threads do not inherit the caller's mode: its views here need none
+    at::Tensor tile = at::empty({std::min(rows, end - begin), K}, x.options());
+    for (int64_t n = begin; n < end; n += rows) {
+      const int64_t count = std::min(rows, end - n);
+      dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<float>());
+      at::Tensor products = out.narrow(1, n, count);
+      at::mm_out(products, x, tile.narrow(0, 0, count).t());
     }
   });
   return out;
@@ -1048,6 +1087,7 @@ TORCH_LIBRARY(llama, m) {
   m.def("int8_matvec(Tensor x, Tensor[] q, Tensor[] scales) -> Tensor");
   m.def("int4_matvec(Tensor x, Tensor[] q, Tensor[] scales, int group_size) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scales, int group_size) -> Tensor");
+  m.def("dequantized_product(Tensor x, Tensor q, Tensor scales, int group_size) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
 }
 
@@ -1056,5 +1096,6 @@ TORCH_LIBRARY_IMPL(llama, CPU, m) {
   m.impl("int8_matvec", int8_matvec);
   m.impl("int4_matvec", int4_matvec);
   m.impl("dequantize", dequantize);
+  m.impl("dequantized_product", dequantized_product);
   m.impl("attend", attend);
 }

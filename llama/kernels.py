@@ -3,10 +3,10 @@
 A decode step multiplies every weight by one row per sequence. For so few rows torch's CPU BLAS
 streams a weight at a fraction of memory speed, and torch has no int8 or int4 product that keeps
 fp32 activations. These kernels read each weight once, in the layout it is stored in (fp32,
-bf16, fp16, or the integers of llama.quantization), with activations in fp32; and they turn a
-tile of integers back into floats for prefill's matrix products in one pass. A decode step's
-attention, one query per sequence, reads each key-value head's cached keys and values once, for
-all the query heads that share it; torch's fused attention, built for many queries, took several
+bf16, fp16, or the integers of llama.quantization), with activations in fp32; and for prefill's
+matrix products with the integers, each thread turns a few rows back into floats in its own
+cache. A decode step's attention, one query per sequence, reads each key-value head's cached keys
+and values once, for all the query heads that share it; torch's fused attention, built for many queries, took several
 times as long for it (in bf16 most of all).
 
 They are compiled on first use by the C++ compiler torch.compile needs too (`c++`, or $CXX),
@@ -189,6 +189,14 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) ->
     """The fp32 weight that int8 (group_size None) or int4 values in llama.quantization's layout
     stand for."""
     return torch.ops.llama.dequantize(q, scales, group_size or 0)
+
+
+def dequantized_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """F.linear(x, dequantize(q, scales, group_size)) for fp32 x of a prefill's many rows, without the
+    whole weight in floats: each thread converts a few rows at a time and multiplies them while its
+    cache holds them."""
+    products = torch.ops.llama.dequantized_product(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, group_size or 0)
+    return products.view(*x.shape[:-1], -1)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

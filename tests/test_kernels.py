@@ -134,6 +134,21 @@ def test_dequantizing_gives_the_weight_the_integers_stand_for(scheme: Scheme) ->
     assert torch.equal(kernels.dequantize(q[5:9], scales[5:9], scheme.group_size), expected[5:9])  # a tile
 
 
+# Weights whose rows go to two threads in several tiles each, the last one short: 1500 rows of 192
+# columns (680 to a tile), and 150 of 8192 (64 to a tile, the fewest).
+@pytest.mark.parametrize("shape", [(1500, 192), (150, 8192)])
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 64)])
+@pytest.mark.parametrize("inference", [True, False])
+def test_prefill_products_equal_f_linear_with_the_dequantized_weight(shape, scheme: Scheme, inference: bool) -> None:
+    """Each thread dequantizes its own tiles and multiplies them: the numbers of the whole weight's
+    product, whether or not the caller is in inference mode (torch's threads do not inherit it)."""
+    q, scales = quantize(torch.randn(shape), scheme)
+    x = torch.randn(3, 11, shape[1])
+    with torch.inference_mode(inference):
+        got = kernels.dequantized_product(x, q, scales, scheme.group_size)
+    close_to(got, F.linear(x, dequantize(q, scales, scheme)))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 9])
 def test_layers_with_one_input_give_each_its_own_product(rows: int) -> None:
     """A decode step's layers alike (all int4) go to the kernels in one call, a mix of kinds one

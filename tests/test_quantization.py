@@ -122,7 +122,7 @@ def test_quantized_layers_compute_the_product_with_the_dequantized_weight(
                    for name, _ in model.named_parameters())  # fmt: skip
     for layer in (model.output, model.layers[1].attention.wq, model.layers[0].feed_forward.w2):
         weight = layer.dequantized(0, None, torch.float32)
-        # prefill (a tile of dequantized rows at a time), and decode (the kernels, where built)
+        # prefill (dequantized a tile of rows at a time, by the kernels where built), and decode
         for x in (torch.randn(3, 5, layer.in_features), torch.randn(2, 1, layer.in_features)):
             torch.testing.assert_close(layer(x), F.linear(x, weight))
 
@@ -341,9 +341,9 @@ def test_quantizing_while_loading_never_holds_the_full_precision_model(
     args = replace(model_args(params, tokenizer.n_words), max_seq_len=16, max_batch_size=4)
     fp32, int8 = estimate_memory(args, 1, torch.float32), estimate_memory(args, 1, torch.float32, parse_scheme("int8"))
     assert peak(folder) - base > 0.9 * fp32.weights  # 167 MB of fp32 weights made from the bf16 file
-    # Beyond the 43 MB of int8 weights, a constant: quantizing, and then in the forward pass
-    # dequantizing, CHUNK values (4 MB in fp32) at a time, with their temporaries, and what the
-    # allocator keeps of those blocks.
+    # Beyond the 43 MB of int8 weights, a constant: quantizing CHUNK values (4 MB in fp32) at a
+    # time, then in the forward pass dequantizing a tile of rows at a time, with their temporaries,
+    # and what the allocator keeps of those blocks.
     assert peak(folder, "--quantize", "int8") - base < int8.total + 48 * 2**20
 
 
