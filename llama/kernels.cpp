@@ -829,17 +829,31 @@ at::Tensor int4_matvec(const at::Tensor& x, const std::vector<at::Tensor>& q,
   });
 }
 
-// Rows [begin, end) of the weight that int8 or int4 values stand for, as fp32 rows at `out`.
+// L floats as T, rounded to the nearest (ties to even), as torch's conversions round.
+inline void put(float* p, floats v) { store(p, v); }
+inline void put(c10::BFloat16* p, floats v) {
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xD8);  // lanes kept in order
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void put(c10::Half* p, floats v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// Rows [begin, end) of the weight that int8 or int4 values stand for, as rows of T at `out`.
+template <typename T>
 void dequantize_rows(const at::Tensor& q, const float* scales, int64_t K, int64_t g, int64_t begin, int64_t end,
-                     float* out) {
+                     T* out) {
   const bool int4 = q.scalar_type() == at::kByte;
   const int64_t groups = int4 ? K / g : 1;
   for (int64_t n = begin; n < end; n++) {
-    float* row = out + (n - begin) * K;
+    T* row = out + (n - begin) * K;
     if (!int4) {
       const int8_t* qn = q.data_ptr<int8_t>() + n * K;
       const floats scale = _mm256_set1_ps(scales[n]);
-      for (int64_t k = 0; k < K; k += L) store(row + k, _mm256_mul_ps(widen(qn + k), scale));
+      for (int64_t k = 0; k < K; k += L) put(row + k, _mm256_mul_ps(widen(qn + k), scale));
       continue;
     }
     for (int64_t j = 0; j < groups; j++) {
@@ -848,8 +862,8 @@ void dequantize_rows(const at::Tensor& q, const float* scales, int64_t K, int64_
       for (int64_t b = 0; b < g / 2; b += L) {
         floats low, high;
         widen(qj + b, levels, low, high);
-        store(row + j * g + b, low);
-        store(row + j * g + g / 2 + b, high);
+        put(row + j * g + b, low);
+        put(row + j * g + g / 2 + b, high);
       }
     }
   }
@@ -866,35 +880,51 @@ int64_t check_quantized(const at::Tensor& q, const at::Tensor& scales, int64_t g
   return K;
 }
 
-// The weight that int8 or int4 values stand for, as fp32 rows.
-at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g) {
+// The weight that int8 or int4 values stand for, in fp32, bf16 or fp16: converted from the fp32
+// products in the same pass, not written out in fp32 first and read back.
+at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g, at::ScalarType dtype) {
   const int64_t N = q.size(0), K = check_quantized(q, scales, g);
-  at::Tensor out = at::empty({N, K}, scales.options());
-  at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
-    dequantize_rows(q, scales.data_ptr<float>(), K, g, begin, end, out.data_ptr<float>() + begin * K);
-  });
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be fp32, bf16 or fp16");
+  at::Tensor out = at::empty({N, K}, scales.options().dtype(dtype));
+  auto rows = [&](auto* weight) {
+    at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
+      dequantize_rows(q, scales.data_ptr<float>(), K, g, begin, end, weight + begin * K);
+    });
+  };
+  if (dtype == at::kFloat)
+    rows(out.data_ptr<float>());
+  else if (dtype == at::kBFloat16)
+    rows(out.data_ptr<c10::BFloat16>());
+  else
+    rows(out.data_ptr<c10::Half>());
   return out;
 }
 
-// x (M, K) times the weight int8 or int4 values stand for, in fp32, for prefill's many rows. Each
-// thread turns a few of its weight rows at a time into floats, in a buffer its own cache holds, and
-// multiplies them there (by torch's BLAS, on that thread alone); converted a large tile at a time
-// for all threads' products, the floats went out to memory and back. Fewer rows than MIN_ROWS at a
-// time (wide weights) spent more time repacking x for each product than they saved. (bf16 models
-// gained nothing from the same: their tiles are half the bytes, and take torch's bf16 products.)
+// x (M, K) times the weight int8 or int4 values stand for, in x's dtype, for prefill's many rows.
+// Each thread turns a few of its weight rows at a time into x's dtype, in a buffer its own cache
+// holds, and multiplies them there (by torch's BLAS, on that thread alone); converted a large tile
+// at a time for all threads' products, the floats went out to memory and back. Fewer rows than
+// MIN_ROWS at a time (wide weights) spent more time repacking x for each product than they saved.
 constexpr int64_t TILE_BYTES = 1 << 19, MIN_ROWS = 64;
 at::Tensor dequantized_product(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t g) {
   const int64_t M = x.size(0), N = q.size(0), K = check_quantized(q, scales, g);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "x must be fp32 (M, K), contiguous");
-  const int64_t rows = std::max<int64_t>(MIN_ROWS, TILE_BYTES / (4 * K) / L * L);
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() &&
+              (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+              "x must be fp32, bf16 or fp16 (M, K), contiguous");
+  const int64_t rows = std::max<int64_t>(MIN_ROWS, TILE_BYTES / (x.element_size() * K) / L * L);
   at::Tensor out = at::empty({M, N}, x.options());
   at::parallel_for(0, N, rows, [&](int64_t begin, int64_t end) {
     c10::InferenceMode plain;  // torch's own threads do not inherit the caller's mode: its views here need none
     at::Tensor tile = at::empty({std::min(rows, end - begin), K}, x.options());
     for (int64_t n = begin; n < end; n += rows) {
       const int64_t count = std::min(rows, end - n);
-      dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<float>());
+      if (dtype == at::kFloat)
+        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<float>());
+      else if (dtype == at::kBFloat16)
+        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<c10::BFloat16>());
+      else
+        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<c10::Half>());
       at::Tensor products = out.narrow(1, n, count);
       at::mm_out(products, x, tile.narrow(0, 0, count).t());
     }
@@ -1086,7 +1116,7 @@ TORCH_LIBRARY(llama, m) {
   m.def("matvec(Tensor x, Tensor[] weights) -> Tensor");
   m.def("int8_matvec(Tensor x, Tensor[] q, Tensor[] scales) -> Tensor");
   m.def("int4_matvec(Tensor x, Tensor[] q, Tensor[] scales, int group_size) -> Tensor");
-  m.def("dequantize(Tensor q, Tensor scales, int group_size) -> Tensor");
+  m.def("dequantize(Tensor q, Tensor scales, int group_size, ScalarType dtype) -> Tensor");
   m.def("dequantized_product(Tensor x, Tensor q, Tensor scales, int group_size) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
 }

@@ -122,9 +122,9 @@ def product_shape(x: torch.Tensor, weights: list[torch.Tensor], *scales_and_grou
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
-def weight_shape(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def weight_shape(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """What dequantize returns: int4's bytes hold two columns each."""
-    return scales.new_empty(q.shape[0], q.shape[1] * (2 if q.dtype == torch.uint8 else 1))
+    return scales.new_empty(q.shape[0], q.shape[1] * (2 if q.dtype == torch.uint8 else 1), dtype=dtype)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -185,14 +185,16 @@ def products(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
     return [layer(x) for layer in layers]
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """The fp32 weight that int8 (group_size None) or int4 values in llama.quantization's layout
-    stand for."""
-    return torch.ops.llama.dequantize(q, scales, group_size or 0)
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, group_size: int | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The weight that int8 (group_size None) or int4 values in llama.quantization's layout stand
+    for: computed in fp32 and rounded to `dtype` (fp32, bf16 or fp16), as .to(dtype) would."""
+    return torch.ops.llama.dequantize(q, scales, group_size or 0, dtype)
 
 
 def dequantized_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """F.linear(x, dequantize(q, scales, group_size)) for fp32 x of a prefill's many rows, without the
+    """F.linear(x, dequantize(q, scales, group_size, x.dtype)) for a prefill's many rows, without the
     whole weight in floats: each thread converts a few rows at a time and multiplies them while its
     cache holds them."""
     products = torch.ops.llama.dequantized_product(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, group_size or 0)

@@ -18,9 +18,8 @@ few rows (a decode step) on a CPU, that is llama.kernels' int8 or int4 matrix-ve
 which reads the integers where they lie and converts them on the way. Otherwise the product
 uses the dequantized weight: inside a compiled decode step (CUDA, or a CPU without the kernels)
 llama.compile writes it so that Inductor fuses the dequantization into the product; eagerly
-(prefill) in fp32, llama.kernels' threads each dequantize a few rows at a time into their own
-cache and multiply them there; otherwise (bf16, or without the kernels) the weight is dequantized
-a tile of rows at a time.
+(prefill) llama.kernels' threads each dequantize a few rows at a time into their own cache and
+multiply them there, or, without the kernels, torch dequantizes a tile of rows at a time.
 
 `python -m llama.quantize` writes a quantized checkpoint; Llama.build(quantize=...) quantizes
 while loading, one weight at a time.
@@ -178,7 +177,7 @@ class Quantized(kernels.KernelLayer):
         """Rows [start, stop) of the weight, in `dtype`."""
         q, scales = self.qweight[start:stop], self.scales[start:stop]
         if self.kernel:
-            return kernels.dequantize(q, scales, self.scheme.group_size).to(dtype)
+            return kernels.dequantize(q, scales, self.scheme.group_size, dtype)
         return dequantize(q, scales.to(dtype), self.scheme)
 
     def kernel_call(self) -> kernels.KernelCall | None:
@@ -196,7 +195,7 @@ class Quantized(kernels.KernelLayer):
             weight = self.dequantized(0, None, x.dtype)
             by_rows = row_by_row(rows, self.qweight.device, self.scheme.integer_dtype)
             return row_by_row_product(x, weight) if by_rows else F.linear(x, weight)
-        if self.kernel and x.dtype == torch.float32:
+        if self.kernel:
             return kernels.dequantized_product(x, self.qweight, self.scales, self.scheme.group_size)
         step = tile_rows(columns)
         rows_out = self.qweight.shape[0]

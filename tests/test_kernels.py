@@ -127,26 +127,35 @@ def test_int4_products_equal_f_linear_with_the_dequantized_weight(group_size, wi
 
 
 @pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 16), Scheme(4, 48), Scheme(4, 64)])
-def test_dequantizing_gives_the_weight_the_integers_stand_for(scheme: Scheme) -> None:
+@pytest.mark.parametrize("dtype", kernels.FLOATS)
+def test_dequantizing_gives_the_weight_the_integers_stand_for(scheme: Scheme, dtype: torch.dtype) -> None:
+    """In fp32, or rounded to bf16 or fp16 exactly as torch rounds the fp32 weight."""
     q, scales = quantize(torch.randn(13, 192), scheme)
-    expected = dequantize(q, scales, scheme)
-    assert torch.equal(kernels.dequantize(q, scales, scheme.group_size), expected)
-    assert torch.equal(kernels.dequantize(q[5:9], scales[5:9], scheme.group_size), expected[5:9])  # a tile
+    expected = dequantize(q, scales, scheme).to(dtype)
+    assert torch.equal(kernels.dequantize(q, scales, scheme.group_size, dtype), expected)
+    assert torch.equal(kernels.dequantize(q[5:9], scales[5:9], scheme.group_size, dtype), expected[5:9])  # a tile
 
 
 # Weights whose rows go to two threads in several tiles each, the last one short: 1500 rows of 192
 # columns (680 to a tile), and 150 of 8192 (64 to a tile, the fewest).
 @pytest.mark.parametrize("shape", [(1500, 192), (150, 8192)])
 @pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inference", [True, False])
-def test_prefill_products_equal_f_linear_with_the_dequantized_weight(shape, scheme: Scheme, inference: bool) -> None:
-    """Each thread dequantizes its own tiles and multiplies them: the numbers of the whole weight's
-    product, whether or not the caller is in inference mode (torch's threads do not inherit it)."""
+def test_prefill_products_equal_f_linear_with_the_dequantized_weight(shape, scheme, dtype, inference) -> None:
+    """Each thread dequantizes its own tiles, in x's dtype, and multiplies them: the numbers of the
+    whole weight's product, whether or not the caller is in inference mode (torch's threads do not
+    inherit it)."""
     q, scales = quantize(torch.randn(shape), scheme)
-    x = torch.randn(3, 11, shape[1])
+    x = torch.randn(3, 11, shape[1]).to(dtype)
     with torch.inference_mode(inference):
         got = kernels.dequantized_product(x, q, scales, scheme.group_size)
-    close_to(got, F.linear(x, dequantize(q, scales, scheme)))
+    expected = F.linear(x, dequantize(q, scales, scheme).to(dtype))
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        close_to(got, expected)
+    else:  # bf16 sums, taken in blocks of their own size: each within a few of bf16's steps
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.02 * expected.abs().max().item(), rtol=0.02)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 9])
