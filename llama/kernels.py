@@ -6,8 +6,8 @@ fp32 activations. These kernels read each weight once, in the layout it is store
 bf16, fp16, or the integers of llama.quantization), with activations in fp32; and for prefill's
 matrix products with the integers, each thread turns a few rows back into floats in its own
 cache. A decode step's attention, one query per sequence, reads each key-value head's cached keys
-and values once, for all the query heads that share it; torch's fused attention, built for many queries, took several
-times as long for it (in bf16 most of all).
+and values once, for all the query heads that share it; torch's fused attention, built for many
+queries, took several times as long for it (in bf16 most of all).
 
 They are compiled on first use by the C++ compiler torch.compile needs too (`c++`, or $CXX),
 for this CPU's AVX2 or AVX-512, and kept in ~/.cache/llama. Where they cannot be built, or with

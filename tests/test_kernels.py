@@ -136,8 +136,8 @@ def test_dequantizing_gives_the_weight_the_integers_stand_for(scheme: Scheme, dt
     assert torch.equal(kernels.dequantize(q[5:9], scales[5:9], scheme.group_size, dtype), expected[5:9])  # a tile
 
 
-# Weights whose rows go to two threads in several tiles each, the last one short: 1500 rows of 192
-# columns (680 to a tile), and 150 of 8192 (64 to a tile, the fewest).
+# Weights whose rows go to two threads in tiles, the last one short: 1500 rows of 192 columns (680
+# to an fp32 tile, 1360 to a bf16 one), and 150 of 8192 (64 to a tile, the fewest: two per thread).
 @pytest.mark.parametrize("shape", [(1500, 192), (150, 8192)])
 @pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
