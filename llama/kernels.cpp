@@ -64,6 +64,17 @@ inline floats widen(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 inline floats widen(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// f(T()) for T the C++ type of `dtype`, one of the floats the kernels take (fp32, bf16, fp16);
+// any other dtype is refused with `refusal`.
+template <typename F>
+auto by_float_type(at::ScalarType dtype, const char* refusal, F f) {
+  switch (dtype) {
+    case at::kFloat: return f(float());
+    case at::kBFloat16: return f(c10::BFloat16());
+    case at::kHalf: return f(c10::Half());
+    default: TORCH_CHECK(false, refusal);
+  }
+}
 inline floats widen(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes(p))); }
 #if defined(__AVX512VL__)
 // One int4 group's 16 weights, scale * (n - 8) for each nibble n, in two vectors: AVX-512
@@ -775,12 +786,8 @@ at::Tensor dense(const at::Tensor& x, const std::vector<at::Tensor>& ws, const s
 at::Tensor matvec(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
   check_input(x, ws);
   for (const at::Tensor& w : ws) TORCH_CHECK(w.size(1) == x.size(1), "x and the weight differ in width");
-  switch (ws[0].scalar_type()) {
-    case at::kFloat: return dense<float>(x, ws, {});
-    case at::kBFloat16: return dense<c10::BFloat16>(x, ws, {});
-    case at::kHalf: return dense<c10::Half>(x, ws, {});
-    default: TORCH_CHECK(false, "matvec takes fp32, bf16 or fp16 weights");
-  }
+  return by_float_type(ws[0].scalar_type(), "matvec takes fp32, bf16 or fp16 weights",
+                       [&]<typename T>(T) { return dense<T>(x, ws, {}); });
 }
 
 void check_scales(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& scales, int64_t per_row,
@@ -884,20 +891,13 @@ int64_t check_quantized(const at::Tensor& q, const at::Tensor& scales, int64_t g
 // products in the same pass, not written out in fp32 first and read back.
 at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g, at::ScalarType dtype) {
   const int64_t N = q.size(0), K = check_quantized(q, scales, g);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be fp32, bf16 or fp16");
-  at::Tensor out = at::empty({N, K}, scales.options().dtype(dtype));
-  auto rows = [&](auto* weight) {
+  return by_float_type(dtype, "dtype must be fp32, bf16 or fp16", [&]<typename T>(T) {
+    at::Tensor out = at::empty({N, K}, scales.options().dtype(dtype));
     at::parallel_for(0, N, GRAIN, [&](int64_t begin, int64_t end) {
-      dequantize_rows(q, scales.data_ptr<float>(), K, g, begin, end, weight + begin * K);
+      dequantize_rows(q, scales.data_ptr<float>(), K, g, begin, end, out.data_ptr<T>() + begin * K);
     });
-  };
-  if (dtype == at::kFloat)
-    rows(out.data_ptr<float>());
-  else if (dtype == at::kBFloat16)
-    rows(out.data_ptr<c10::BFloat16>());
-  else
-    rows(out.data_ptr<c10::Half>());
-  return out;
+    return out;
+  });
 }
 
 // x (M, K) times the weight int8 or int4 values stand for, in x's dtype, for prefill's many rows.
@@ -908,28 +908,22 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t g, 
 constexpr int64_t TILE_BYTES = 1 << 19, MIN_ROWS = 64;
 at::Tensor dequantized_product(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t g) {
   const int64_t M = x.size(0), N = q.size(0), K = check_quantized(q, scales, g);
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() &&
-              (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
-              "x must be fp32, bf16 or fp16 (M, K), contiguous");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "x must be (M, K), contiguous");
   const int64_t rows = std::max<int64_t>(MIN_ROWS, TILE_BYTES / (x.element_size() * K) / L * L);
-  at::Tensor out = at::empty({M, N}, x.options());
-  at::parallel_for(0, N, rows, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode plain;  // torch's own threads do not inherit the caller's mode: its views here need none
-    at::Tensor tile = at::empty({std::min(rows, end - begin), K}, x.options());
-    for (int64_t n = begin; n < end; n += rows) {
-      const int64_t count = std::min(rows, end - n);
-      if (dtype == at::kFloat)
-        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<float>());
-      else if (dtype == at::kBFloat16)
-        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<c10::BFloat16>());
-      else
-        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<c10::Half>());
-      at::Tensor products = out.narrow(1, n, count);
-      at::mm_out(products, x, tile.narrow(0, 0, count).t());
-    }
+  return by_float_type(x.scalar_type(), "x must be fp32, bf16 or fp16", [&]<typename T>(T) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    at::parallel_for(0, N, rows, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode plain;  // torch's own threads do not inherit the caller's mode: its views here need none
+      at::Tensor tile = at::empty({std::min(rows, end - begin), K}, x.options());
+      for (int64_t n = begin; n < end; n += rows) {
+        const int64_t count = std::min(rows, end - n);
+        dequantize_rows(q, scales.data_ptr<float>(), K, g, n, n + count, tile.data_ptr<T>());
+        at::Tensor products = out.narrow(1, n, count);
+        at::mm_out(products, x, tile.narrow(0, 0, count).t());
+      }
+    });
+    return out;
   });
-  return out;
 }
 
 // q . k[t] for the 8 keys [t, t + 8) (k at the first), as one vector: eight sums side by side,
@@ -1101,12 +1095,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     vis = visible->data_ptr<bool>();
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
-  switch (q.scalar_type()) {
-    case at::kFloat: attend_all<float>(q, k, v, vis, out); break;
-    case at::kBFloat16: attend_all<c10::BFloat16>(q, k, v, vis, out); break;
-    case at::kHalf: attend_all<c10::Half>(q, k, v, vis, out); break;
-    default: TORCH_CHECK(false, "attend takes fp32, bf16 or fp16");
-  }
+  by_float_type(q.scalar_type(), "attend takes fp32, bf16 or fp16",
+                [&]<typename T>(T) { attend_all<T>(q, k, v, vis, out); });
   return out;
 }
 
