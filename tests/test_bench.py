@@ -1,11 +1,15 @@
 """python -m llama.bench as users run it: sane rates, progress on stderr, no noise, refusals up front."""
 
+import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from llama.bench import of_bound
+import pytest
+
+from llama.bench import DECODE_ROUNDS, of_bound
 from tests.helpers import DEMO, ROOT, environment
 
 
@@ -20,10 +24,21 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for_unquantized_and_int8() -> None:
+def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for_unquantized_and_int8(tmp_path: Path) -> None:
     """The demo model ends most answers at EOS; a benchmark that stopped there reported 507% of the bound."""
-    done = bench("--ckpt_dir", str(DEMO), "--prompt_len", "16", "--new_tokens", "32", "--quantize", "none,int8")
+    results = tmp_path / "results.jsonl"
+    done = bench(
+        *("--ckpt_dir", str(DEMO), "--prompt_len", "16", "--new_tokens", "32", "--quantize", "none,int8"),
+        *("--json_path", str(results)),
+    )
     assert done.returncode == 0, done.stderr
+    for report in map(json.loads, results.read_text().splitlines()):  # each decode between two reads of memory
+        rates, reads = report["decode_rounds_tokens_per_s"], report["decode_rounds_bandwidth_bytes_per_s"]
+        assert len(rates) == len(reads) == DECODE_ROUNDS
+        assert report["decode_tokens_per_s_batch_1"] == statistics.median(rates)
+        assert report["bandwidth_bytes_per_s"] == statistics.median(reads)
+        ratios = [rate / (read / report["decode_bytes_per_token"]) for rate, read in zip(rates, reads)]
+        assert report["decode_of_bound"] == pytest.approx(statistics.median(ratios))
     for name in ("prefill", "decode, batch 1"):
         lines = [line for line in done.stdout.splitlines() if line.startswith(name)]
         assert len(lines) == 2  # one table for each
@@ -42,8 +57,7 @@ def test_the_demo_model_is_timed_over_the_tokens_it_is_asked_for_unquantized_and
     measurements = [
         "bench: matrix-multiply throughput",
         "bench: prefill",
-        "bench: memory bandwidth",
-        "bench: decode, batch 1",
+        "bench: decode, batch 1, taking turns with reads of memory",
         "bench: decode, batch 8",
         "bench: mixed batch of 8, ours and Meta's loop",
     ]
