@@ -123,17 +123,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def elapsed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds that one run takes, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def best_time(run: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
     """The fastest of a few runs, after one warm-up: the least disturbed by other work."""
     run()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(elapsed(run, device) for _ in range(repeats))
 
 
 def memory_bandwidth(device: torch.device) -> float:
@@ -216,11 +218,8 @@ def paired_decode(
     generate_exactly(generator, prompts, new_tokens)  # warm: caches, and a compiled step compiles
     reads, rates = [memory_bandwidth(device)], []
     for _ in range(DECODE_ROUNDS):
-        synchronize(device)
-        start = time.perf_counter()
-        generate_exactly(generator, prompts, new_tokens)
-        synchronize(device)
-        rates.append((new_tokens - 1) / (time.perf_counter() - start - first_token))
+        seconds = elapsed(lambda: generate_exactly(generator, prompts, new_tokens), device)
+        rates.append((new_tokens - 1) / (seconds - first_token))
         reads.append(memory_bandwidth(device))
     around = [(before + after) / 2 for before, after in zip(reads, reads[1:])]
     return {
