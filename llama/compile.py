@@ -37,7 +37,10 @@ FEW_BF16_ROWS = 2 if CPU_BF16 else FEW_ROWS  # the same limit for 16-bit weights
 # Dynamo's guards check the tokens and positions, and a model keeps its tensors' shapes (see
 # compile_decode_step); the kernels' outputs are what their fake implementations (llama.kernels)
 # say, which the tests compare with eager.
-INDUCTOR_OPTIONS = {"size_asserts": False}
+# A loop over one token's features (the feed-forward's gate times up) is too little work to share:
+# at Inductor's default of 512 elements a thread it ran on both threads, each time a round of waking
+# and waiting for them. From 4096 elements a thread, a batch's or a 7B model's, loops still share.
+INDUCTOR_OPTIONS = {"size_asserts": False, "cpp.min_chunk_size": 4096}
 
 # A step's floats (each norm's eps) are constants of the model. dynamic=True makes floats symbolic
 # too, which had the step turn each into a tensor before every call.
