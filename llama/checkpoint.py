@@ -56,6 +56,10 @@ class Checkpoint(Protocol):
         """Say that a tensor read() returned has been copied and will not be used again."""
         ...
 
+    def is_mapped(self, tensor: torch.Tensor) -> bool:
+        """Whether a tensor read() returned is a view of a file mapped into memory."""
+        ...
+
 
 def check_weight_names(found: Iterable[str], expected: Iterable[str], where: str, described_by: str) -> None:
     """Every expected weight present and nothing else: anything else is a checkpoint of another model."""
@@ -217,11 +221,18 @@ class MetaCheckpoint:
 
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the tensor's pages from memory if it is a view of a mapped shard (see release_pages)."""
-        extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-        start = tensor.data_ptr()
-        end = start + extent * tensor.element_size()
-        if tensor.numel() > 0 and any(low <= start and end <= high for low, high in self.mapped):
-            release_pages(start, end)
+        if self.is_mapped(tensor):
+            release_pages(*extent(tensor))
+
+    def is_mapped(self, tensor: torch.Tensor) -> bool:
+        start, end = extent(tensor)
+        return tensor.numel() > 0 and any(low <= start and end <= high for low, high in self.mapped)
+
+
+def extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """The first address of a tensor's data, and the one after its last element."""
+    elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + elements * tensor.element_size()
 
 
 def release_pages(start: int, end: int) -> None:

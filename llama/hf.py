@@ -277,6 +277,9 @@ class HuggingFaceCheckpoint:
     def release(self, tensor: torch.Tensor) -> None:
         """Nothing to do: safetensors hands out tensors of their own, freed when dropped."""
 
+    def is_mapped(self, tensor: torch.Tensor) -> bool:
+        return False
+
     def read(self, key: str, rank: int, world: int) -> torch.Tensor:
         name = hf_name(key)
         weights = self.handles[self.files[name]].get_slice(name)

@@ -1,5 +1,6 @@
 """Loading: any shard count on one process, tokenizer and params checks, dtypes, memory and pages."""
 
+import gc
 import json
 from pathlib import Path
 
@@ -90,6 +91,37 @@ def test_loading_gives_back_the_mapped_pages_it_copied(tokenizer: Tokenizer, tmp
         del checkpoint, model
     assert growth[False] > size / 2  # the bf16 file, all read to make the fp32 copy
     assert growth[True] < size / 10
+
+
+def mapping_of(tensor: torch.Tensor) -> tuple[str, list[str]]:
+    """The file (or "" for anonymous memory) and the VmFlags of the mapping holding a tensor (Linux)."""
+    address, path = tensor.data_ptr(), ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:  # a mapping's first line: its addresses, then its file
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            path = fields[5] if len(fields) > 5 else ""
+            inside = low <= address < high
+        elif inside and fields[0] == "VmFlags:":
+            return path, fields[1:]
+    raise LookupError(f"no mapping holds address {address:#x}")
+
+
+def test_cpu_weights_move_into_large_pages_and_out_of_the_file(checkpoint: Path, tokenizer: Tokenizer) -> None:
+    model = load_model(checkpoint, tokenizer, choose_runtime("cpu"), 32, 2)
+    gc.collect()  # nothing but the model keeps the moved weights' memory
+    weights = model.state_dict()
+    expected = random_state_dict(model_args(GROUPED_QUERY, tokenizer.n_words))
+    for key, tensor in weights.items():
+        if key in expected:
+            assert torch.equal(tensor, expected[key]), key
+    embedding = mapping_of(model.tok_embeddings.weight)
+    assert embedding[0].endswith("consolidated.00.pth")  # a step reads one row of it: it stays mapped
+    for key in ("output.weight", "norm.weight", "layers.1.attention.wq.weight", "layers.0.feed_forward.w2.weight"):
+        path, flags = mapping_of(weights[key])
+        assert path == "" and "hg" in flags, (key, path, flags)  # anonymous, advised for 2 MiB pages
+        assert weights[key].data_ptr() % 64 == 0
+    assert torch.isfinite(model(TOKENS, 0)).all()  # and it runs once the loading's references are gone
 
 
 def test_loading_checks_memory_first(checkpoint: Path, tokenizer: Tokenizer) -> None:
