@@ -278,6 +278,7 @@ class HuggingFaceCheckpoint:
         """Nothing to do: safetensors hands out tensors of their own, freed when dropped."""
 
     def is_mapped(self, tensor: torch.Tensor) -> bool:
+        """Never: safetensors hands out tensors of their own."""
         return False
 
     def read(self, key: str, rank: int, world: int) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 The network is built on the meta device (no memory), checked against the device's free memory,
 then each weight is assigned from the memory-mapped checkpoint, one layer at a time, in the
-runtime's device and dtype. On a CPU the weights then move, one at a time, into memory of the
-process's own in 2 MiB pages (see into_large_pages). Only then is the KV cache allocated, once,
-where the weights are.
+runtime's device and dtype. On a CPU those still views of the file then move, one at a time,
+into memory of the process's own in 2 MiB pages (see into_large_pages). Only then is the KV cache
+allocated, once, where the weights are.
 """
 
 import mmap
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -183,7 +184,7 @@ def load_model(
     load_weights(model, weights, runtime, progress, release=checkpoint.release)
     if scheme is not None:
         prepare_kernels(model)
-    if runtime.device.type == "cpu" and checkpoint.scheme is None:  # a quantized file loads as it lies
+    if runtime.device.type == "cpu" and checkpoint.scheme is None and sys.platform == "linux":
         into_large_pages(model, checkpoint)
     use_kernels(model)
     model.requires_grad_(False)
@@ -192,41 +193,44 @@ def load_model(
 
 
 LARGE_PAGE = 2 * 2**20
-ALIGN = 64  # bytes: each weight starts on a cache line of its own
+CACHE_LINE = 64  # bytes: each weight starts on one of its own
 
 
 def into_large_pages(model: Transformer, checkpoint: Checkpoint) -> None:
-    """Move the weights of a CPU model that are views of the memory-mapped checkpoint (an fp32 or
-    bf16 file loaded in its own dtype), all but the embedding table, into one block of anonymous
-    memory that Linux is asked to back with 2 MiB pages (transparent huge pages, madvise).
+    """Move the weights of a CPU model that are views of the memory-mapped checkpoint (Meta's
+    files, fp32 or bf16, loaded in their own dtype), all but the embedding table, into one block of
+    anonymous memory that Linux is asked to back with 2 MiB pages (transparent huge pages).
 
     A decode step on a CPU reads every weight from memory, and reads it faster from 2 MiB pages
     than from a mapped file's 4 KiB ones; the price is a copy when loading, and the kernel's work
     to find the large pages (docs/benchmarks.md has both). Each weight gives back its file pages
-    once copied, so memory holds the weights once, and one weight more. Weights the loading made
-    (cast, quantized, pieced from shards) stay where they are, since the allocator would keep
-    their old memory; so does a quantized file, which loads as it lies. Where Linux offers no
-    large pages the block is plain memory.
+    once copied, so the process holds the weights once, and one weight more. Weights the loading
+    made (cast, quantized, pieced from shards, or read from safetensors) stay where they are,
+    since the allocator would keep their old memory; so does a quantized file (the caller's
+    choice). Where the kernel offers no large pages the block is plain memory.
     """
     embedding = model.tok_embeddings.weight  # a step reads one row of it
     state = model.state_dict(keep_vars=True)
-    weights = {n: t for n, t in state.items() if t is not embedding and checkpoint.is_mapped(t)}
+    weights = {name: t for name, t in state.items() if t is not embedding and checkpoint.is_mapped(t)}
     offsets, size = {}, 0
     for name, tensor in weights.items():
         offsets[name] = size
-        size += -(-tensor.nbytes // ALIGN) * ALIGN
+        size += -(-tensor.nbytes // CACHE_LINE) * CACHE_LINE
     if size == 0:
         return
     block = mmap.mmap(-1, size + LARGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    try:
         block.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without transparent huge pages
+        pass
     memory = torch.frombuffer(block, dtype=torch.uint8)  # its views keep the block alive
     start = -memory.data_ptr() % LARGE_PAGE
     moved = {}
-    for name, tensor in weights.items():
-        at = start + offsets[name]
-        moved[name] = memory[at : at + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        checkpoint.release(tensor)
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            at = start + offsets[name]
+            moved[name] = memory[at : at + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            checkpoint.release(tensor)
     model.load_state_dict(moved, assign=True, strict=False)
 
 
