@@ -10,7 +10,7 @@ import torch
 
 from llama.bench import random_state_dict
 from llama.checkpoint import MetaCheckpoint
-from llama.loading import RankWeights, load_model, load_weights
+from llama.loading import CACHE_LINE, LARGE_PAGE, RankWeights, load_model, load_weights
 from llama.model import Transformer
 from llama.runtime import choose_runtime
 from llama.tokenizer import Tokenizer
@@ -133,12 +133,12 @@ def test_cpu_weights_move_into_large_pages_and_out_of_the_file(tokenizer: Tokeni
         assert torch.equal(weights[key], tensor), key
     assert mapping_of(model.tok_embeddings.weight).path == str(file)  # a step reads one row of it
     moved = [tensor for key, tensor in weights.items() if key.startswith(("layers.", "norm.", "output."))]
-    assert min(tensor.data_ptr() for tensor in moved) % (2 * 2**20) == 0
+    assert min(tensor.data_ptr() for tensor in moved) % LARGE_PAGE == 0
     large_pages = Path("/sys/kernel/mm/transparent_hugepage").is_dir()
     for tensor in moved:
         where = mapping_of(tensor)
         assert where.path == "" and ("hg" in where.flags or not large_pages), where  # anonymous, advised
-        assert tensor.data_ptr() % 64 == 0
+        assert tensor.data_ptr() % CACHE_LINE == 0
     assert torch.isfinite(model(TOKENS, 0)).all()  # and it runs once the loading's references are gone
 
 
