@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import httpx
 import openai
@@ -236,3 +236,30 @@ def started(
         yield Served(url, job, key)
         job.terminate()
         job.wait(timeout=30)
+
+
+class Mapping(NamedTuple):
+    low: int
+    high: int
+    path: str  # "" for anonymous memory
+    resident: int  # bytes
+    flags: list[str]
+
+
+def mappings() -> list[Mapping]:
+    """This process's memory mappings, from /proc/self/smaps (Linux)."""
+    found, fields = [], {}
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        words = line.split(maxsplit=5)
+        if "-" in words[0] and ":" not in words[0]:  # a mapping's first line: its addresses, then its file
+            low, high = (int(bound, 16) for bound in words[0].split("-"))
+            fields = {"low": low, "high": high, "path": words[5] if len(words) > 5 else ""}
+        elif words[0] == "Rss:":
+            fields["resident"] = int(words[1]) * 1024
+        elif words[0] == "VmFlags:":
+            found.append(Mapping(**fields, flags=line.split()[1:]))
+    return found
+
+
+def mapping_of(tensor: torch.Tensor) -> Mapping:
+    return next(m for m in mappings() if m.low <= tensor.data_ptr() < m.high)

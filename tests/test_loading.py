@@ -3,7 +3,6 @@
 import gc
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from llama.loading import CACHE_LINE, LARGE_PAGE, RankWeights, load_model, load_
 from llama.model import Transformer
 from llama.runtime import choose_runtime
 from llama.tokenizer import Tokenizer
-from tests.helpers import GROUPED_QUERY, TOKENS, build, copy_of, model_args, write_checkpoint
+from tests.helpers import GROUPED_QUERY, TOKENS, build, copy_of, mapping_of, mappings, model_args, write_checkpoint
 
 
 def test_missing_folder(tokenizer_path: str, tmp_path: Path) -> None:
@@ -92,33 +91,6 @@ def test_loading_gives_back_the_mapped_pages_it_copied(tokenizer: Tokenizer, tmp
         del checkpoint, model
     assert growth[False] > size / 2  # the bf16 file, all read to make the fp32 copy
     assert growth[True] < size / 10
-
-
-class Mapping(NamedTuple):
-    low: int
-    high: int
-    path: str  # "" for anonymous memory
-    resident: int  # bytes
-    flags: list[str]
-
-
-def mappings() -> list[Mapping]:
-    """This process's memory mappings, from /proc/self/smaps (Linux)."""
-    found, fields = [], {}
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        words = line.split(maxsplit=5)
-        if "-" in words[0] and ":" not in words[0]:  # a mapping's first line: its addresses, then its file
-            low, high = (int(bound, 16) for bound in words[0].split("-"))
-            fields = {"low": low, "high": high, "path": words[5] if len(words) > 5 else ""}
-        elif words[0] == "Rss:":
-            fields["resident"] = int(words[1]) * 1024
-        elif words[0] == "VmFlags:":
-            found.append(Mapping(**fields, flags=line.split()[1:]))
-    return found
-
-
-def mapping_of(tensor: torch.Tensor) -> Mapping:
-    return next(m for m in mappings() if m.low <= tensor.data_ptr() < m.high)
 
 
 def test_cpu_weights_move_into_large_pages_and_out_of_the_file(tokenizer: Tokenizer, tmp_path: Path) -> None:
