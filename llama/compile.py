@@ -96,8 +96,15 @@ def compile_decode_step(step: Step) -> Step:
         with RowByRowProducts():
             return step(model, tokens, start_pos)
 
-    own = types.FunctionType(step_row_by_row.__code__.replace(), globals(), closure=step_row_by_row.__closure__)
-    compiled = torch.compile(own, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS | GUARDS)
+    def compiled(options: dict):
+        own = types.FunctionType(step_row_by_row.__code__.replace(), globals(), closure=step_row_by_row.__closure__)
+        return torch.compile(own, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS | GUARDS | options)
+
+    # Rows at their own positions read the cache up to the furthest of them. A graph with that max
+    # in its shapes, found in Inductor's on-disk cache, comes back guarded on which row is furthest
+    # (the cache re-checks its guards with Python's max): a compilation for each order the rows come
+    # in, past torch's limit in a server. Those steps skip that cache and compile afresh.
+    at_one_position, at_own_positions = compiled({}), compiled({"fx_graph_cache": False})
     served = None  # the model this step was first called with
 
     def compiled_or_eager(model, tokens, start_pos):
@@ -109,7 +116,7 @@ def compile_decode_step(step: Step) -> Step:
         # Past torch's recompile limit, fullgraph=True turns "run it eagerly" into an error.
         try:
             with CONSTANT_FLOATS:
-                return compiled(model, tokens, start_pos)
+                return (at_own_positions if isinstance(start_pos, list) else at_one_position)(model, tokens, start_pos)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             return step(model, tokens, start_pos)
 

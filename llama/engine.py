@@ -152,8 +152,11 @@ class Engine:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Run the decode step once at every batch size, so that compiling happens now."""
+        last = self.model.params.max_seq_len - 1
         for size in self.batch_sizes:
-            positions = [len(self.rows.tokens[row]) for row in range(size)]  # filler, past what each row holds
+            # Filler, past what each row holds, at positions of 2 or more: torch compiles a position
+            # of 0 or 1 as a special case, and the first real step would compile again.
+            positions = [min(len(self.rows.tokens[row]) + 2, last) for row in range(size)]
             self.step(self.model, torch.zeros(size, dtype=torch.long, device=self.device), positions)
 
     def prefill(self) -> list[Event]:

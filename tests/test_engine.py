@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import pytest
+from torch._dynamo.utils import counters
 
 from llama import Llama
 from llama.engine import Engine, Event, Job, Plan
 from llama.sampling import SamplingParams
+from llama.serving import new_engine
 from tests.helpers import PROMPTS, prompt_ids
 
 GREEDY = SamplingParams(temperature=0)
@@ -132,3 +134,24 @@ def test_a_seeded_sequence_samples_the_same_in_company(llama: Llama) -> None:
     others = [Job(i, prompts[i % 3], 12, SamplingParams(temperature=0.9, seed=i)) for i in range(1, 4)]
     together = run_all(engine, [Job(0, prompts[0], 12, seeded), *others], start_at={0: 2})
     assert tokens_of(together[0]) == alone
+
+
+def test_a_compiled_engine_compiles_while_warming_up_and_never_after(checkpoint: Path, tokenizer_path: str) -> None:
+    """A server's first steps once compiled again (positions 0 and 1 are special to torch, and
+    warm-up used them), and after a restart, with Inductor's cache warm, every new order of the
+    rows' positions did too, until torch's recompile limit made each step eager. The second engine
+    here warms up from the first one's cache, then serves rows further along in either order."""
+    llama = Llama.build(str(checkpoint), tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu")
+    short, long = prompt_ids(llama.tokenizer)[2], prompt_ids(llama.tokenizer)[1]
+
+    def jobs() -> list[Job]:  # row 1 ahead of row 0, then, once job 1 is done, behind it
+        return [Job(0, short, 16, GREEDY), Job(1, long, 4, GREEDY), Job(2, short, 4, GREEDY)]
+
+    eager = run_all(Engine(llama.model, llama.tokenizer), jobs(), start_at={2: 6})
+    new_engine(llama, compile=True, prefill_chunk=256)
+    engine = new_engine(llama, compile=True, prefill_chunk=256)
+    compiled = counters["stats"]["unique_graphs"]
+    served = run_all(engine, jobs(), start_at={2: 6})
+    assert counters["stats"]["unique_graphs"] == compiled
+    for job in jobs():
+        assert tokens_of(served[job.id]) == tokens_of(eager[job.id]), job.id
