@@ -216,26 +216,32 @@ class Served:
 def started(
     *flags: str, command: list[str] | None = None, key: str | None = None, ready_within: float = 120
 ) -> Iterator[Served]:
-    """A server run with these flags, once /health says it is ready (a compiled one compiles first)."""
+    """A server run with these flags, once /health says it is ready (a compiled one compiles first).
+
+    What it prints goes to a file: into a pipe that no one reads, 64 KiB of warnings would stop it."""
     port = free_port()
     command = (command or [sys.executable, "-m", "llama.serve"]) + ["--port", str(port), *flags]
-    job = subprocess.Popen(
-        command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    with killed_afterwards(job):
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_within
-        while True:
-            assert job.poll() is None, job.communicate()[1][-3000:]
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
-        yield Served(url, job, key)
-        job.terminate()
-        job.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as said:
+        job = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=said, stderr=subprocess.STDOUT, text=True)
+
+        def last_words() -> str:
+            said.seek(0)
+            return said.read()[-3000:]
+
+        with killed_afterwards(job):
+            url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_within
+            while True:
+                assert job.poll() is None, last_words()
+                try:
+                    if httpx.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"the server did not become ready; it said:\n{last_words()}"
+                time.sleep(0.2)
+            yield Served(url, job, key)
+            job.terminate()
+            job.wait(timeout=30)
 
 
 class Mapping(NamedTuple):
