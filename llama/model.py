@@ -144,10 +144,10 @@ class KVCache(nn.Module):
         if isinstance(positions, int):
             k_rows[:, :, positions : positions + seqlen] = k.transpose(1, 2)
             v_rows[:, :, positions : positions + seqlen] = v.transpose(1, 2)
-        else:
-            rows = torch.arange(bsz, device=k.device).unsqueeze(1)
-            k_rows[rows, :, positions] = k
-            v_rows[rows, :, positions] = v
+        else:  # into the buffers themselves: compiled, a write into a view of them copied the view
+            rows = torch.arange(first_row, first_row + bsz, device=k.device).unsqueeze(1)
+            self.k[rows, :, positions] = k
+            self.v[rows, :, positions] = v
         return k_rows[:, :, :cache_len], v_rows[:, :, :cache_len]
 
 
