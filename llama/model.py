@@ -144,7 +144,7 @@ class KVCache(nn.Module):
         if isinstance(positions, int):
             k_rows[:, :, positions : positions + seqlen] = k.transpose(1, 2)
             v_rows[:, :, positions : positions + seqlen] = v.transpose(1, 2)
-        else:  # into the buffers themselves: compiled, a write into a view of them copied the view
+        else:  # into the buffers themselves: compiled, a write into k_rows copied those rows' whole cache
             rows = torch.arange(first_row, first_row + bsz, device=k.device).unsqueeze(1)
             self.k[rows, :, positions] = k
             self.v[rows, :, positions] = v
