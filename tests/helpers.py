@@ -131,6 +131,12 @@ def killed_afterwards(job: subprocess.Popen) -> Iterator[subprocess.Popen]:
             job.wait()
 
 
+def written(file: IO[str]) -> str:
+    """All a job has written so far to the file that takes its output."""
+    file.seek(0)
+    return file.read()
+
+
 def run_together(commands: list[list[str]], timeout: float, **popen) -> list[subprocess.CompletedProcess]:
     """Start the commands side by side (the nodes of one group) and wait for all of them.
 
@@ -149,10 +155,7 @@ def run_together(commands: list[list[str]], timeout: float, **popen) -> list[sub
         deadline = time.monotonic() + timeout
         while any(job.poll() is None for job in jobs) and time.monotonic() < deadline:
             time.sleep(0.1)
-        said = []
-        for f in files:
-            f.seek(0)
-            said.append(f.read())
+        said = [written(f) for f in files]
         unfinished = [i for i, job in enumerate(jobs) if job.poll() is None]
         assert not unfinished, f"nodes {unfinished} still running after {timeout} s; they said:\n" + "\n".join(
             f"--- node {i}:\n{text[-3000:]}" for i, text in enumerate(said)
@@ -223,21 +226,16 @@ def started(
     command = (command or [sys.executable, "-m", "llama.serve"]) + ["--port", str(port), *flags]
     with tempfile.TemporaryFile("w+") as said:
         job = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=said, stderr=subprocess.STDOUT, text=True)
-
-        def last_words() -> str:
-            said.seek(0)
-            return said.read()[-3000:]
-
         with killed_afterwards(job):
             url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_within
             while True:
-                assert job.poll() is None, last_words()
+                assert job.poll() is None, written(said)[-3000:]
                 try:
                     if httpx.get(f"{url}/health").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
-                assert time.monotonic() < deadline, f"the server did not become ready; it said:\n{last_words()}"
+                assert time.monotonic() < deadline, "the server was not ready in time:\n" + written(said)[-3000:]
                 time.sleep(0.2)
             yield Served(url, job, key)
             job.terminate()

@@ -142,7 +142,7 @@ def test_a_compiled_engine_compiles_while_warming_up_and_never_after(checkpoint:
     rows' positions did too, until torch's recompile limit made each step eager. The second engine
     here warms up from the first one's cache, then serves rows further along in either order."""
     llama = Llama.build(str(checkpoint), tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu")
-    short, long = prompt_ids(llama.tokenizer)[2], prompt_ids(llama.tokenizer)[1]
+    _, long, short = prompt_ids(llama.tokenizer)
 
     def jobs() -> list[Job]:  # row 1 ahead of row 0, then, once job 1 is done, behind it
         return [Job(0, short, 16, GREEDY), Job(1, long, 4, GREEDY), Job(2, short, 4, GREEDY)]
